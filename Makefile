@@ -1,0 +1,57 @@
+# make lab   install and open the course
+# make test  install and run the whole test suite
+#
+# GPU: make lab TORCH_PIN=<version> TORCH_INDEX="--index-url <CUDA wheel index>"  (see README.md)
+
+PYTHON      ?= python3
+TORCH_PIN   ?= 2.13.0
+TORCH_INDEX ?=
+PYTEST_ARGS ?=
+
+VENV       := .venv
+PY         := $(VENV)/bin/python
+PIP        := $(PY) -m pip
+# The installed torch, as a pip constraint: later installs never replace it.
+TORCH_LOCK := $(VENV)/torch-lock.txt
+
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: venv torch install-lab install-test lab test bench clean
+
+venv: $(PY)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }
+
+# Install the pinned torch only if none is installed; an existing torch (CPU or GPU) is kept.
+torch: venv
+	@$(PY) -c "import importlib.metadata as m; m.version('torch')" 2>/dev/null \
+	  || $(PIP) install $(TORCH_INDEX) "torch==$(TORCH_PIN)"
+	@$(PY) -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > $(TORCH_LOCK)
+
+# Stamps live in the venv, so deleting .venv resets them; editing pyproject.toml reinstalls.
+$(VENV)/lab.stamp: pyproject.toml | torch
+	$(PIP) install -c $(TORCH_LOCK) -e '.[lab]'
+	@touch $@
+
+$(VENV)/test.stamp: pyproject.toml | torch
+	$(PIP) install -c $(TORCH_LOCK) -e '.[lab,test]'
+	@touch $@ $(VENV)/lab.stamp
+
+install-lab: $(VENV)/lab.stamp
+install-test: $(VENV)/test.stamp
+
+lab: install-lab
+	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
+
+# pytest exits 5 when it collects no tests; that is not a failure of the suite.
+test: install-test
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "make test: no tests collected"; rc=0; fi; exit $$rc
+
+bench: install-test
+	$(PY) bench/launch_speed.py
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache $(VENV)/*.stamp $(TORCH_LOCK)
+	find . -path ./$(VENV) -prune -o \( -name __pycache__ -o -name .ipynb_checkpoints \) -type d -prune -exec rm -rf {} +

@@ -1,0 +1,75 @@
+"""A warm process that has already imported torch and forks fresh ranks on request.
+
+Importing torch costs over a second per process; forking a process that already did costs
+milliseconds. Forking is only safe from a process that never ran a torch op (no thread pools,
+no CUDA), which is why this is a separate, freshly started interpreter and not the notebook's
+kernel. It holds no process group, exits when the notebook's process goes away (its control
+socket closes), and lets the OS reap the ranks it forks.
+
+Protocol on the control socket: the launcher sends one byte with four descriptors (the rank's
+stdin, stdout, stderr and result pipes); the server answers with the new rank's pid.
+"""
+import os
+import signal
+import socket
+import struct
+import sys
+import traceback
+
+PID = struct.Struct("!i")
+RANK_FDS = 4  # stdin, stdout, stderr, result
+
+
+def _preload() -> None:
+    import cloudpickle  # noqa: F401
+    import numpy  # noqa: F401
+    import torch  # noqa: F401
+    import torch.distributed  # noqa: F401
+    import torch.nn  # noqa: F401
+
+    import labkit._worker  # noqa: F401
+
+
+def _become_rank(control: socket.socket, fds: list[int]) -> None:
+    """In the forked child: take the pipes as 0, 1, 2 and 3, leave the server's session, run."""
+    control.close()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.setsid()  # its own process group, so the launcher can stop it and anything it started
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+    for fd in fds:
+        if fd > 3:
+            os.close(fd)
+    from labkit import _worker
+    try:
+        _worker.main(stdin_fd=0, result_fd=3)
+    finally:
+        os._exit(1)
+
+
+def serve(control_fd: int) -> None:
+    control = socket.socket(fileno=control_fd)
+    try:
+        _preload()
+    except BaseException:  # noqa: BLE001 - tell the launcher why, then stop
+        control.sendall(b"E" + traceback.format_exc().encode())
+        return
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the OS reaps the ranks: no zombies
+    control.sendall(b"R")
+    while True:
+        try:
+            message, fds, _flags, _addr = socket.recv_fds(control, 1, RANK_FDS)
+        except (OSError, ConnectionError):
+            return
+        if not message:  # the launcher's process is gone
+            return
+        pid = os.fork()
+        if pid == 0:
+            _become_rank(control, fds)
+        for fd in fds:
+            os.close(fd)
+        control.sendall(PID.pack(pid))
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))

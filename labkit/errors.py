@@ -1,0 +1,98 @@
+"""The launcher's errors, and how a crash on one rank is told apart from its consequences.
+
+When one rank fails, its peers fail a moment later with "connection closed by peer" or a
+timeout: they are victims. The root cause is the first rank that failed for another reason.
+"""
+import linecache
+import re
+
+# Messages a rank gets because a *peer* went away or stopped answering (gloo, NCCL, the store).
+_PEER_LOSS = re.compile(
+    r"Connection closed by peer|Connection reset by peer|Broken pipe|Timed out waiting|"
+    r"Application timeout caused pair closure|Socket Timeout|ECONNRESET|EPIPE|"
+    r"NCCL communicator was aborted|DistNetworkError|DistStoreError|failed to recv|"
+    r"Connection refused|remote process exited|Work.*timed out|Watchdog caught collective",
+    re.IGNORECASE)
+
+
+def is_peer_loss(failure: dict) -> bool:
+    return bool(_PEER_LOSS.search(f"{failure.get('type', '')}: {failure.get('message', '')}"))
+
+
+class LaunchError(RuntimeError):
+    """One or more ranks failed. ``rank`` is the root cause; ``failures`` maps rank -> details."""
+
+    def __init__(self, message: str, rank: int | None = None, failures: dict | None = None):
+        super().__init__(message)
+        self.rank = rank
+        self.failures = failures or {}
+
+
+class LaunchTimeout(LaunchError):
+    """Ranks were still running at the launch's timeout. ``stacks`` maps rank -> where it waited."""
+
+    def __init__(self, message: str, rank: int | None = None, failures: dict | None = None,
+                 stacks: dict | None = None):
+        super().__init__(message, rank, failures)
+        self.stacks = stacks or {}
+
+
+def root_cause(failures: dict) -> int:
+    """The rank that failed first for a reason of its own, not because a peer went away."""
+    return min(failures, key=lambda r: (is_peer_loss(failures[r]), failures[r]["time"], r))
+
+
+def _one_line(failure: dict) -> str:
+    text = f"{failure['type']}: {failure['message']}".strip()
+    first = text.splitlines()[0] if text else ""
+    return first if len(first) <= 300 else first[:297] + "..."
+
+
+def failure_message(failures: dict, world_size: int) -> tuple[str, int]:
+    """The text of a LaunchError: root cause first, with its traceback, then the consequences."""
+    cause = root_cause(failures)
+    first = failures[cause]
+    lines = [f"ROOT CAUSE: rank {cause} of {world_size}: {_one_line(first)}", ""]
+    if first.get("traceback"):
+        lines += [f"Traceback on rank {cause}:", first["traceback"].rstrip(), ""]
+    if first.get("hint"):
+        lines += [first["hint"], ""]
+    others = [r for r in sorted(failures) if r != cause]
+    if others:
+        lines.append("Other ranks, as consequences of that failure:")
+        for r in others:
+            lines.append(f"  rank {r}: {_one_line(failures[r])}")
+    return "\n".join(lines).rstrip(), cause
+
+
+_FAULTHANDLER_FRAME = re.compile(r'^\s*File "(?P<file>.+)", line (?P<line>\d+) in (?P<name>.+)$')
+
+
+def readable_stack(dump: str) -> str:
+    """Tidy a faulthandler dump: drop labkit's own watcher thread, add the source lines.
+
+    Source lines come from this process's line cache, which also knows the notebook's cells.
+    """
+    blocks, current = [], []
+    for line in dump.splitlines():
+        if line.startswith(("Thread 0x", "Current thread 0x")) and current:
+            blocks.append(current)
+            current = []
+        if line.strip():
+            current.append(line)
+    if current:
+        blocks.append(current)
+    shown = []
+    for block in blocks:
+        if any("_worker.py" in l and " in watch" in l for l in block):
+            continue  # labkit's lifeline thread, not the learner's
+        for line in block:
+            match = _FAULTHANDLER_FRAME.match(line)
+            if match and match["file"].endswith(("labkit/_worker.py", "labkit\\_worker.py")):
+                break  # below the learner's function: labkit's own frames
+            shown.append(line)
+            if match:
+                source = linecache.getline(match["file"], int(match["line"])).strip()
+                if source:
+                    shown.append(f"      {source}")
+    return "\n".join(shown)

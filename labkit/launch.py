@@ -1,0 +1,365 @@
+"""``labkit.launch``: run a function defined in a notebook on N ranks, and never hang.
+
+How it works (details in docs/launcher.md):
+1. the function is shipped by value with cloudpickle to fresh rank processes, forked from a warm
+   server that already imported torch (or started from scratch with ``start_method="spawn"``);
+2. the notebook's process owns a loopback-only rendezvous store on a free port; each rank gets
+   torchrun's environment and joins the default process group before the function runs;
+3. the launcher watches every rank's pipes: output is printed line by line as ``[rank r]``,
+   results and errors come back on private pipes, and a crash, a hang or the stop button ends
+   with every rank stopped and reaped, and one clear error.
+"""
+import linecache
+import os
+import selectors
+import signal
+import sys
+import time
+
+import cloudpickle
+
+from labkit import _pickling
+from labkit._ranks import START_METHODS, start_rank, stop_and_reap
+from labkit._rendezvous import LoopbackStore
+from labkit._wire import _HEADER
+from labkit.errors import LaunchError, LaunchTimeout, failure_message, readable_stack
+
+BACKENDS = ("auto", "gloo", "nccl")
+
+TIMEOUT_HINT = ("Every rank must call the same collectives in the same order. Ranks waiting in "
+                "different places (above) usually mean that one rank skipped, added or reordered a "
+                "collective. Run again with debug=True to have torch compare collectives across "
+                "ranks and fail at once, naming the mismatch.")
+
+
+def threads_per_rank(nprocs: int) -> int:
+    """Share the cores: oversubscribing them made DDP steps 3-9x slower on a 2-core machine."""
+    return max(1, (os.cpu_count() or 1) // nprocs)
+
+
+def resolve_backend(backend: str, nprocs: int) -> str:
+    """"auto" means NCCL when every rank can have its own GPU, gloo otherwise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; use one of {', '.join(BACKENDS)}.")
+    import torch
+    import torch.distributed as dist
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if backend == "auto":
+        return "nccl" if dist.is_nccl_available() and 0 < nprocs <= gpus else "gloo"
+    if backend == "nccl":
+        if not dist.is_nccl_available():
+            raise ValueError("backend='nccl' needs a CUDA build of torch with NCCL; this torch has "
+                             "none. Use backend='gloo' (CPU) or 'auto'.")
+        if gpus < nprocs:
+            raise ValueError(f"backend='nccl' needs one GPU per rank: {nprocs} ranks but {gpus} "
+                             f"GPU(s) visible. Use fewer ranks, or backend='gloo' or 'auto'.")
+    return backend
+
+
+def _check_arguments(fn, nprocs, args, kwargs, timeout, start_method, grace) -> None:
+    if not callable(fn):
+        raise ValueError(f"fn must be a function (or other callable), got {type(fn).__name__}. "
+                         "Pass the function itself: labkit.launch(work), not labkit.launch(work()).")
+    if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
+        raise ValueError(f"nprocs must be a whole number >= 1, got {nprocs!r}.")
+    if not isinstance(args, (tuple, list)):
+        raise ValueError(f"args must be a tuple of positional arguments, got {type(args).__name__}; "
+                         "for one argument write args=(x,).")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ValueError(f"kwargs must be a dict, got {type(kwargs).__name__}.")
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}.")
+    if start_method not in START_METHODS:
+        raise ValueError(f"start_method={start_method!r}; use one of {', '.join(START_METHODS)}.")
+    if not grace >= 0:
+        raise ValueError(f"grace must be >= 0 seconds, got {grace!r}.")
+
+
+def _notebook_cells() -> dict:
+    """Source of code that exists only in this process (notebook cells), for rank tracebacks."""
+    return {name: entry for name, entry in list(linecache.cache.items())
+            if len(entry) == 4 and entry[1] is None}
+
+
+def _pickle_function(fn, args, kwargs) -> bytes:
+    try:
+        return _pickling.dumps((fn, tuple(args), dict(kwargs or {})))
+    except Exception as exc:
+        raise ValueError(f"labkit.launch cannot send {getattr(fn, '__name__', fn)!r} and its arguments "
+                         f"to the ranks: {type(exc).__name__}: {exc}. Everything the function uses "
+                         "from the notebook is copied by value; open files, locks, sockets and "
+                         "generators cannot be. Create them inside the function instead.") from None
+
+
+def _rank_environment(rank: int, nprocs: int, store_env: dict, threads: int, debug: bool) -> dict:
+    """What torchrun would set for this rank, plus loopback-only networking for gloo and NCCL."""
+    env = dict(os.environ)
+    env.update(store_env)
+    env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs),
+               LOCAL_WORLD_SIZE=str(nprocs), GROUP_RANK="0", ROLE_RANK=str(rank),
+               ROLE_WORLD_SIZE=str(nprocs), ROLE_NAME="default", GROUP_WORLD_SIZE="1",
+               TORCHELASTIC_RUN_ID=f"labkit-{os.getpid()}-{store_env['MASTER_PORT']}",
+               OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
+               LABKIT_PRESTART="0")  # a rank importing labkit must not start a fork server
+    loopback = _loopback_interface()
+    if loopback:
+        env.setdefault("GLOO_SOCKET_IFNAME", loopback)
+        env.setdefault("NCCL_SOCKET_IFNAME", loopback)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    if debug:
+        env["TORCH_DISTRIBUTED_DEBUG"] = "DETAIL"
+    else:
+        env.pop("TORCH_DISTRIBUTED_DEBUG", None)
+    return env
+
+
+def _loopback_interface() -> str | None:
+    """'lo' on Linux, 'lo0' on macOS: where gloo should listen so nothing is reachable from outside."""
+    import socket
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except (OSError, AttributeError):
+        return None
+    return next((n for n in ("lo", "lo0") if n in names), None)
+
+
+class _Watch:
+    """Reads every rank's stdout, stderr and result pipe in one loop on the calling thread."""
+
+    def __init__(self, ranks, echo: bool):
+        self.ranks = {r.rank: r for r in ranks}
+        self.echo = echo
+        self.selector = selectors.DefaultSelector()
+        self.partial = {}
+        self.result_bytes = {r.rank: bytearray() for r in ranks}
+        self.outcomes = {}  # rank -> outcome dict, filled as results arrive
+        self.capturing_stacks = False
+        self.stacks = {r.rank: [] for r in ranks}
+        self.tails = {r.rank: [] for r in ranks}  # last stderr lines, for ranks that die silently
+        for r in ranks:
+            for fd, stream in ((r.stdout_r, "out"), (r.stderr_r, "err"), (r.result_r, "result")):
+                os.set_blocking(fd, False)
+                self.selector.register(fd, selectors.EVENT_READ, (r.rank, stream))
+                self.partial[(r.rank, stream)] = b""
+
+    _PIPES = {"out": "stdout_r", "err": "stderr_r", "result": "result_r"}
+
+    @property
+    def open_pipes(self) -> int:
+        return len(self.selector.get_map())
+
+    def pump(self, wait_s: float) -> None:
+        for key, _ in self.selector.select(timeout=wait_s):
+            rank, stream = key.data
+            try:
+                data = os.read(key.fd, 1 << 16)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if stream == "result":
+                self._on_result(rank, data)
+            else:
+                self._on_output(rank, stream, data)
+            if not data:
+                self.selector.unregister(key.fd)
+                self.ranks[rank].close_pipe(self._PIPES[stream])
+
+    def _on_output(self, rank: int, stream: str, data: bytes) -> None:
+        buffered = self.partial[(rank, stream)] + data
+        *lines, rest = buffered.split(b"\n")
+        if not data and rest:  # end of stream: flush a last line without a newline
+            lines, rest = lines + [rest], b""
+        self.partial[(rank, stream)] = rest
+        for raw in lines:
+            line = raw.decode("utf-8", errors="replace").rstrip("\r")
+            if stream == "err":
+                self.tails[rank] = (self.tails[rank] + [line])[-20:]
+                if self.capturing_stacks:
+                    self.stacks[rank].append(line)
+                    continue
+            if self.echo:
+                print(f"[rank {rank}] {line}", file=sys.stderr if stream == "err" else sys.stdout,
+                      flush=True)
+
+    def _on_result(self, rank: int, data: bytes) -> None:
+        if rank in self.outcomes:
+            return
+        buffer = self.result_bytes[rank]
+        buffer.extend(data)
+        if len(buffer) >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(buffer)
+            if len(buffer) >= _HEADER.size + size:
+                self.outcomes[rank] = cloudpickle.loads(bytes(buffer[_HEADER.size:_HEADER.size + size]))
+                return
+        if not data:  # the pipe closed before a whole result arrived: the rank died
+            self.outcomes[rank] = self._died(rank)
+
+    def _died(self, rank: int) -> dict:
+        process = self.ranks[rank]
+        code = process.popen.poll() if process.popen is not None else None
+        how = (f"killed by signal {signal.Signals(-code).name}" if code is not None and code < 0
+               else f"exit code {code}" if code is not None else "killed, crashed in native code, "
+               "or ended by os._exit()")
+        tail = "\n".join(self.tails[rank][-10:])
+        return {"status": "died", "rank": rank, "time": time.time(), "type": "RankDied",
+                "message": f"rank {rank} ended without returning or raising ({how}); "
+                           "a rank killed for using too much memory looks like this too.",
+                "traceback": f"Last lines rank {rank} wrote to stderr:\n{tail}" if tail else ""}
+
+    def failures(self) -> dict:
+        return {r: o for r, o in self.outcomes.items() if o["status"] != "ok"}
+
+
+def _describe(outcome: dict) -> dict:
+    """Turn a rank's unusual outcome into an entry for LaunchError."""
+    if outcome["status"] == "unpicklable":
+        return dict(outcome, type="ResultNotPicklable",
+                    message=f"rank {outcome['rank']} returned a {outcome['type']}, which cannot be "
+                            f"sent back to the notebook ({outcome['message']}). Return plain values: "
+                            "numbers, strings, lists, dicts, numpy arrays or tensors.")
+    return outcome
+
+
+def _finish_failed_launch(watch: _Watch, nprocs: int, backend: str):
+    failures = {r: _describe(o) for r, o in watch.failures().items()}
+    for rank in watch.ranks:
+        if rank not in watch.outcomes:
+            failures[rank] = {"status": "stopped", "rank": rank, "time": float("inf"),
+                              "type": "Stopped", "message": "still running after the root cause "
+                              "failed; stopped by the launcher (a Connection closed by peer "
+                              "consequence)", "traceback": ""}
+    message, cause = failure_message(failures, nprocs)
+    raise LaunchError(message, rank=cause, failures=failures)
+
+
+def _collect_stacks(watch: _Watch, unfinished: list, wait_s: float = 1.0) -> dict:
+    """Ask each unfinished rank where it is (faulthandler on SIGUSR1) and gather the answers."""
+    if not hasattr(signal, "SIGUSR1"):
+        return {}
+    watch.capturing_stacks = True
+    for rank in unfinished:
+        try:
+            os.kill(watch.ranks[rank].pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+    end = time.monotonic() + wait_s
+    while time.monotonic() < end and watch.open_pipes:
+        watch.pump(0.05)
+    return {r: readable_stack("\n".join(watch.stacks[r])) for r in unfinished}
+
+
+def _raise_timeout(watch: _Watch, nprocs: int, timeout: float) -> None:
+    unfinished = [r for r in sorted(watch.ranks) if r not in watch.outcomes]
+    stacks = _collect_stacks(watch, unfinished)
+    finished = [r for r in sorted(watch.ranks) if r in watch.outcomes]
+    lines = [f"TIMEOUT: rank(s) {', '.join(map(str, unfinished))} of {nprocs} were still running "
+             f"after {timeout:g} s" + (f" (rank(s) {', '.join(map(str, finished))} had finished)"
+                                       if finished else "") + ". All ranks have been stopped.", "",
+             "Where each unfinished rank was waiting (most recent call first):"]
+    for rank in unfinished:
+        lines += [f"[rank {rank}]", stacks.get(rank) or "  (no stack: the rank did not answer)"]
+    lines += ["", TIMEOUT_HINT]
+    raise LaunchTimeout("\n".join(lines), rank=unfinished[0] if unfinished else None,
+                        failures=watch.failures(), stacks=stacks)
+
+
+def _watch_until_done(watch: _Watch, nprocs: int, backend: str, timeout: float, grace: float):
+    start = time.monotonic()
+    deadline = start + timeout
+    first_failure = None
+    while len(watch.outcomes) < nprocs:
+        now = time.monotonic()
+        if now >= deadline:
+            _raise_timeout(watch, nprocs, timeout)
+        if first_failure is not None and now >= first_failure + grace:
+            break
+        watch.pump(min(0.1, deadline - now))
+        if first_failure is None and watch.failures():
+            first_failure = time.monotonic()
+    if watch.failures() or len(watch.outcomes) < nprocs:
+        stop_and_reap(list(watch.ranks.values()))
+        while watch.open_pipes:
+            watch.pump(0.05)
+        _finish_failed_launch(watch, nprocs, backend)
+    # every rank reported success; let them finish tearing down and flush their output
+    end = min(deadline, time.monotonic() + 10.0)
+    while watch.open_pipes and time.monotonic() < end:
+        watch.pump(0.05)
+
+
+def _results(watch: _Watch, nprocs: int) -> list:
+    values = []
+    for rank in range(nprocs):
+        try:
+            values.append(cloudpickle.loads(watch.outcomes[rank]["value"]))
+        except Exception as exc:
+            raise LaunchError(f"ROOT CAUSE: rank {rank}'s return value could not be rebuilt in the "
+                              f"notebook: {type(exc).__name__}: {exc}. Return plain values: "
+                              "numbers, strings, lists, dicts, numpy arrays or tensors.",
+                              rank=rank) from None
+    return values
+
+
+def launch(fn, nprocs: int = 2, args=(), kwargs=None, backend: str = "auto", timeout: float = 120,
+           *, debug: bool = False, start_method: str = "forkserver", threads: int | None = None,
+           collective_timeout: float | None = None, grace: float = 3.0, quiet: bool = False) -> list:
+    """Run ``fn(*args, **kwargs)`` on ``nprocs`` ranks; return their results, index = rank.
+
+    Inside each rank the default process group is ready (``torch.distributed`` works at once)
+    and the environment is torchrun's, so the same function also runs under ``torchrun``.
+
+    backend: "auto" (NCCL if every rank has its own GPU, else gloo), "gloo" or "nccl".
+    timeout: seconds for the whole launch; then LaunchTimeout shows where each rank waits.
+    debug: torch's detailed collective checks (TORCH_DISTRIBUTED_DEBUG=DETAIL): mismatched
+        collectives fail at once with a clear message.
+    start_method: "forkserver" (fast: forked from a process that already imported torch),
+        "spawn" (a fresh interpreter per rank) or "torchrun" (real ``torchrun --standalone``).
+    threads: torch threads per rank; default max(1, cores // nprocs).
+    collective_timeout: seconds a collective may wait inside a rank (default: timeout + 10, so
+        the launcher's own timeout, which shows the stacks, comes first).
+    grace: seconds the other ranks get, after the first failure, to report their own errors.
+    quiet: no banner line.
+    """
+    _check_arguments(fn, nprocs, args, kwargs, timeout, start_method, grace)
+    backend = resolve_backend(backend, nprocs)
+    threads = threads or threads_per_rank(nprocs)
+    function = _pickle_function(fn, args, kwargs)
+    if not quiet:
+        print(f"labkit.launch: {nprocs} rank(s), backend {backend}, {threads} thread(s) per rank "
+              f"({os.cpu_count()} cores), {start_method}", flush=True)
+    job = {"function": function, "backend": backend, "threads": threads,
+           "collective_timeout": collective_timeout or timeout + 10,
+           "linecache": _notebook_cells(), "sys_path": list(sys.path), "cwd": os.getcwd()}
+    if start_method == "torchrun":
+        from labkit._torchrun import launch_with_torchrun
+        env = _rank_environment(0, nprocs, {"MASTER_PORT": "0"}, threads, debug)
+        for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                     "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "GROUP_WORLD_SIZE",
+                     "TORCHELASTIC_RUN_ID", "MASTER_PORT"):
+            env.pop(name)
+        return launch_with_torchrun(job, nprocs, timeout, env)
+    ranks = []
+    with LoopbackStore(nprocs, timeout_s=timeout + 10) as store:
+        try:
+            for rank in range(nprocs):
+                env = _rank_environment(rank, nprocs, store.env, threads, debug)
+                ranks.append(start_rank(rank, start_method, env))
+                _send_job(ranks[-1], dict(job, env=env))
+            watch = _Watch(ranks, echo=True)
+            _watch_until_done(watch, nprocs, backend, timeout, grace)
+            return _results(watch, nprocs)
+        finally:
+            stop_and_reap(ranks)
+            for rank in ranks:
+                rank.close_pipes()
+
+
+def _send_job(rank, job: dict) -> None:
+    from labkit._wire import write_message
+    try:
+        write_message(rank.stdin_w, cloudpickle.dumps(job))
+    except BrokenPipeError:
+        pass  # the rank died at once; the watcher reports it
+
