@@ -340,7 +340,7 @@ def launch(fn, nprocs: int = 2, args=(), kwargs=None, backend: str = "auto", tim
                      "TORCHELASTIC_RUN_ID", "MASTER_PORT"):
             env.pop(name)
         return launch_with_torchrun(job, nprocs, timeout, env)
-    ranks = []
+    ranks, watch = [], None
     with LoopbackStore(nprocs, timeout_s=timeout + 10) as store:
         try:
             for rank in range(nprocs):
@@ -352,6 +352,8 @@ def launch(fn, nprocs: int = 2, args=(), kwargs=None, backend: str = "auto", tim
             return _results(watch, nprocs)
         finally:
             stop_and_reap(ranks)
+            if watch is not None:
+                watch.selector.close()
             for rank in ranks:
                 rank.close_pipes()
 

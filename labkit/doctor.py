@@ -1,0 +1,71 @@
+"""``labkit doctor``: is this machine ready for the course? Print the facts, then prove it with a launch."""
+import os
+import platform
+import sys
+import time
+
+
+def _all_reduce_check():
+    """Each rank contributes rank + 1; every rank must end with 1 + 2 + ... + world size."""
+    import torch
+    import torch.distributed as dist
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([dist.get_rank() + 1.0], device=device)
+    dist.all_reduce(value)
+    return value.item()
+
+
+FIXES = {
+    "LaunchTimeout": "The ranks could not reach each other in time. On macOS set "
+                     "GLOO_SOCKET_IFNAME=lo0; check that a firewall allows connections on "
+                     "127.0.0.1; see docs/launcher.md, 'Troubleshooting'.",
+    "ModuleNotFoundError": "A package is missing in this environment: run `make lab` (or "
+                           "`pip install -e .`) in the course folder.",
+    "RuntimeError": "See the message above; docs/launcher.md, 'Troubleshooting', lists the usual "
+                    "causes (fork server could not import torch, ports, GPUs).",
+}
+
+
+def facts(nprocs: int) -> list[tuple[str, str]]:
+    import torch
+    import torch.distributed as dist
+
+    from labkit.launch import resolve_backend, threads_per_rank
+    available = {name: getattr(dist, f"is_{name}_available", lambda: False)()
+                 for name in ("gloo", "nccl", "mpi")}
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpu_names = ", ".join(torch.cuda.get_device_name(i) for i in range(gpus)) if gpus else "none"
+    return [
+        ("python", f"{platform.python_version()} ({sys.executable})"),
+        ("torch", torch.__version__),
+        ("backends", ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in available.items())),
+        ("GPUs", f"{gpus} ({gpu_names})" if gpus else "none (CUDA not available)"),
+        ("cores", str(os.cpu_count())),
+        ("threads", f"{threads_per_rank(nprocs)} per rank for {nprocs} ranks "
+                    "(max(1, cores // ranks))"),
+        ("backend", f"{resolve_backend('auto', nprocs)} (what backend='auto' picks for "
+                    f"{nprocs} ranks)"),
+    ]
+
+
+def run(nprocs: int = 2, timeout: float = 120) -> bool:
+    """Print the environment and run a real all-reduce on ``nprocs`` ranks; True when all is well."""
+    for name, value in facts(nprocs):
+        print(f"{name:<9} {value}")
+    expected = nprocs * (nprocs + 1) / 2
+    print(f"{'launch':<9} {nprocs}-rank all_reduce through labkit.launch ...", flush=True)
+    start = time.perf_counter()
+    try:
+        import labkit
+        results = labkit.launch(_all_reduce_check, nprocs=nprocs, timeout=timeout, quiet=True)
+    except Exception as exc:  # noqa: BLE001 - the doctor reports any failure with a fix
+        print(f"FAILED: {type(exc).__name__}: {exc}")
+        print("How to fix: " + FIXES.get(type(exc).__name__, FIXES["RuntimeError"]))
+        return False
+    seconds = time.perf_counter() - start
+    if results != [expected] * nprocs:
+        print(f"FAILED: the all_reduce gave {results}, expected {[expected] * nprocs}. The "
+              "backend is broken in this environment; reinstall torch.")
+        return False
+    print(f"OK: every rank got {expected:g} = 1 + ... + {nprocs}, in {seconds:.2f} s")
+    return True

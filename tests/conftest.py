@@ -1,0 +1,33 @@
+import os
+import time
+
+import psutil
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def fork_server_pid():
+    from labkit import _ranks
+    server = _ranks._server
+    return server.process.pid if server is not None and server.is_alive() else None
+
+
+def leftover_processes(wait_s: float = 3.0) -> list:
+    """Processes below this one other than the idle fork server, after letting exits settle."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        server = fork_server_pid()
+        left = [p for p in psutil.Process().children(recursive=True)
+                if p.pid != server and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def no_leftovers():
+    """Fails the test if any rank (or anything it started) outlives the launch."""
+    yield
+    left = leftover_processes()
+    assert not left, f"processes left behind: {[(p.pid, p.cmdline()) for p in left]}"
