@@ -250,13 +250,18 @@ def _collect_stacks(watch: _Watch, unfinished: list, wait_s: float = 1.0) -> dic
     return {r: readable_stack("\n".join(watch.stacks[r])) for r in unfinished}
 
 
+def _rank_list(ranks) -> str:
+    return ", ".join(map(str, ranks))
+
+
 def _raise_timeout(watch: _Watch, nprocs: int, timeout: float) -> None:
     unfinished = [r for r in sorted(watch.ranks) if r not in watch.outcomes]
     stacks = _collect_stacks(watch, unfinished)
     finished = [r for r in sorted(watch.ranks) if r in watch.outcomes]
-    lines = [f"TIMEOUT: rank(s) {', '.join(map(str, unfinished))} of {nprocs} were still running "
-             f"after {timeout:g} s" + (f" (rank(s) {', '.join(map(str, finished))} had finished)"
-                                       if finished else "") + ". All ranks have been stopped.", "",
+    lines = [f"TIMEOUT: rank(s) {_rank_list(unfinished)} of {nprocs} were still running after "
+             f"{timeout:g} s" + (f"; rank(s) {_rank_list(finished)} had returned from the function and "
+                                  "were waiting for the others to finish" if finished else "")
+             + ". All ranks have been stopped.", "",
              "Where each unfinished rank was waiting (most recent call first):"]
     for rank in unfinished:
         lines += [f"[rank {rank}]", stacks.get(rank) or "  (no stack: the rank did not answer)"]

@@ -137,7 +137,8 @@ def test_a_hang_times_out_with_each_stuck_ranks_stack(no_leftovers):
     for rank in (0, 2, 3):
         assert "in all_reduce" in error.stacks[rank]
         assert "dist.all_reduce(torch.ones(2))" in error.stacks[rank]
-    assert str(error).startswith("TIMEOUT: ")
+    assert str(error).startswith("TIMEOUT: rank(s) 0, 2, 3 of 4 were still running after 3 s; "
+                                 "rank(s) 1 had returned from the function")
     assert "debug=True" in str(error)
 
 

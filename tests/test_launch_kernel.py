@@ -1,5 +1,4 @@
 """labkit.launch inside a real Jupyter kernel: notebook-defined functions, the stop button, a dying kernel."""
-import queue
 import re
 import time
 
