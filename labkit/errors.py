@@ -37,6 +37,25 @@ class LaunchTimeout(LaunchError):
         self.stacks = stacks or {}
 
 
+# Mistakes learners make often, recognised by their message, with what to do instead.
+_HINTS = [
+    (re.compile(r"initialize the default process group twice|default process group has already "
+                r"been initialized", re.IGNORECASE),
+     "Hint: labkit.launch has already initialised the process group in every rank. Remove "
+     "dist.init_process_group() from the function, or guard it with "
+     "`if not dist.is_initialized():` so the same code also runs under torchrun."),
+    (re.compile(r"Detected mismatch between collectives", re.IGNORECASE),
+     "Hint: the ranks called different collectives (or the same one with different shapes) at "
+     "the same point. Every rank must call the same collectives, in the same order, with "
+     "tensors of the same shape and dtype."),
+]
+
+
+def hint_for(failure: dict) -> str | None:
+    text = f"{failure.get('type', '')}: {failure.get('message', '')}"
+    return next((hint for pattern, hint in _HINTS if pattern.search(text)), None)
+
+
 def root_cause(failures: dict) -> int:
     """The rank that failed first for a reason of its own, not because a peer went away."""
     return min(failures, key=lambda r: (is_peer_loss(failures[r]), failures[r]["time"], r))
@@ -55,8 +74,9 @@ def failure_message(failures: dict, world_size: int) -> tuple[str, int]:
     lines = [f"ROOT CAUSE: rank {cause} of {world_size}: {_one_line(first)}", ""]
     if first.get("traceback"):
         lines += [f"Traceback on rank {cause}:", first["traceback"].rstrip(), ""]
-    if first.get("hint"):
-        lines += [first["hint"], ""]
+    hint = hint_for(first)
+    if hint:
+        lines += [hint, ""]
     others = [r for r in sorted(failures) if r != cause]
     if others:
         lines.append("Other ranks, as consequences of that failure:")

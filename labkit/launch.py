@@ -11,6 +11,7 @@ How it works (details in docs/launcher.md):
 """
 import linecache
 import os
+import select
 import selectors
 import signal
 import sys
@@ -91,15 +92,9 @@ def _pickle_function(fn, args, kwargs) -> bytes:
                          "generators cannot be. Create them inside the function instead.") from None
 
 
-def _rank_environment(rank: int, nprocs: int, store_env: dict, threads: int, debug: bool) -> dict:
-    """What torchrun would set for this rank, plus loopback-only networking for gloo and NCCL."""
-    env = dict(os.environ)
-    env.update(store_env)
-    env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs),
-               LOCAL_WORLD_SIZE=str(nprocs), GROUP_RANK="0", ROLE_RANK=str(rank),
-               ROLE_WORLD_SIZE=str(nprocs), ROLE_NAME="default", GROUP_WORLD_SIZE="1",
-               TORCHELASTIC_RUN_ID=f"labkit-{os.getpid()}-{store_env['MASTER_PORT']}",
-               OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
+def _common_environment(threads: int, debug: bool) -> dict:
+    """What every rank gets: the notebook's environment, threads, loopback-only networking."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
                LABKIT_PRESTART="0")  # a rank importing labkit must not start a fork server
     loopback = _loopback_interface()
     if loopback:
@@ -112,6 +107,14 @@ def _rank_environment(rank: int, nprocs: int, store_env: dict, threads: int, deb
     else:
         env.pop("TORCH_DISTRIBUTED_DEBUG", None)
     return env
+
+
+def _torchrun_variables(rank: int, nprocs: int, store_env: dict) -> dict:
+    """The variables torchrun sets for a rank on a single machine."""
+    return dict(store_env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs),
+                LOCAL_WORLD_SIZE=str(nprocs), GROUP_RANK="0", ROLE_RANK=str(rank),
+                ROLE_WORLD_SIZE=str(nprocs), ROLE_NAME="default", GROUP_WORLD_SIZE="1",
+                TORCHELASTIC_RUN_ID=f"labkit-{os.getpid()}-{store_env['MASTER_PORT']}")
 
 
 def _loopback_interface() -> str | None:
@@ -127,9 +130,8 @@ def _loopback_interface() -> str | None:
 class _Watch:
     """Reads every rank's stdout, stderr and result pipe in one loop on the calling thread."""
 
-    def __init__(self, ranks, echo: bool):
+    def __init__(self, ranks):
         self.ranks = {r.rank: r for r in ranks}
-        self.echo = echo
         self.selector = selectors.DefaultSelector()
         self.partial = {}
         self.result_bytes = {r.rank: bytearray() for r in ranks}
@@ -179,9 +181,8 @@ class _Watch:
                 if self.capturing_stacks:
                     self.stacks[rank].append(line)
                     continue
-            if self.echo:
-                print(f"[rank {rank}] {line}", file=sys.stderr if stream == "err" else sys.stdout,
-                      flush=True)
+            print(f"[rank {rank}] {line}", file=sys.stderr if stream == "err" else sys.stdout,
+                  flush=True)
 
     def _on_result(self, rank: int, data: bytes) -> None:
         if rank in self.outcomes:
@@ -222,7 +223,7 @@ def _describe(outcome: dict) -> dict:
     return outcome
 
 
-def _finish_failed_launch(watch: _Watch, nprocs: int, backend: str):
+def _finish_failed_launch(watch: _Watch, nprocs: int):
     failures = {r: _describe(o) for r, o in watch.failures().items()}
     for rank in watch.ranks:
         if rank not in watch.outcomes:
@@ -270,9 +271,7 @@ def _raise_timeout(watch: _Watch, nprocs: int, timeout: float) -> None:
                         failures=watch.failures(), stacks=stacks)
 
 
-def _watch_until_done(watch: _Watch, nprocs: int, backend: str, timeout: float, grace: float):
-    start = time.monotonic()
-    deadline = start + timeout
+def _watch_until_done(watch: _Watch, nprocs: int, deadline: float, timeout: float, grace: float):
     first_failure = None
     while len(watch.outcomes) < nprocs:
         now = time.monotonic()
@@ -287,7 +286,7 @@ def _watch_until_done(watch: _Watch, nprocs: int, backend: str, timeout: float, 
         stop_and_reap(list(watch.ranks.values()))
         while watch.open_pipes:
             watch.pump(0.05)
-        _finish_failed_launch(watch, nprocs, backend)
+        _finish_failed_launch(watch, nprocs)
     # every rank reported success; let them finish tearing down and flush their output
     end = min(deadline, time.monotonic() + 10.0)
     while watch.open_pipes and time.monotonic() < end:
@@ -337,23 +336,20 @@ def launch(fn, nprocs: int = 2, args=(), kwargs=None, backend: str = "auto", tim
     job = {"function": function, "backend": backend, "threads": threads,
            "collective_timeout": collective_timeout or timeout + 10,
            "linecache": _notebook_cells(), "sys_path": list(sys.path), "cwd": os.getcwd()}
+    common_env = _common_environment(threads, debug)
     if start_method == "torchrun":
         from labkit._torchrun import launch_with_torchrun
-        env = _rank_environment(0, nprocs, {"MASTER_PORT": "0"}, threads, debug)
-        for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                     "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "GROUP_WORLD_SIZE",
-                     "TORCHELASTIC_RUN_ID", "MASTER_PORT"):
-            env.pop(name)
-        return launch_with_torchrun(job, nprocs, timeout, env)
+        return launch_with_torchrun(job, nprocs, timeout, common_env)
     ranks, watch = [], None
+    deadline = time.monotonic() + timeout
     with LoopbackStore(nprocs, timeout_s=timeout + 10) as store:
         try:
             for rank in range(nprocs):
-                env = _rank_environment(rank, nprocs, store.env, threads, debug)
+                env = dict(common_env, **_torchrun_variables(rank, nprocs, store.env))
                 ranks.append(start_rank(rank, start_method, env))
-                _send_job(ranks[-1], dict(job, env=env))
-            watch = _Watch(ranks, echo=True)
-            _watch_until_done(watch, nprocs, backend, timeout, grace)
+                _send_job(ranks[-1], cloudpickle.dumps(dict(job, env=env)), deadline)
+            watch = _Watch(ranks)
+            _watch_until_done(watch, nprocs, deadline, timeout, grace)
             return _results(watch, nprocs)
         finally:
             stop_and_reap(ranks)
@@ -363,10 +359,22 @@ def launch(fn, nprocs: int = 2, args=(), kwargs=None, backend: str = "auto", tim
                 rank.close_pipes()
 
 
-def _send_job(rank, job: dict) -> None:
-    from labkit._wire import write_message
-    try:
-        write_message(rank.stdin_w, cloudpickle.dumps(job))
-    except BrokenPipeError:
-        pass  # the rank died at once; the watcher reports it
+def _send_job(rank, job: bytes, deadline: float) -> None:
+    """Write the job on the rank's stdin without ever blocking past the launch's deadline."""
+    data = memoryview(_HEADER.pack(len(job)) + job)
+    os.set_blocking(rank.stdin_w, False)
+    while data:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise LaunchTimeout(f"TIMEOUT: rank {rank.rank} did not take its job before the "
+                                "launch's timeout (it never started reading). All ranks have "
+                                "been stopped.", rank=rank.rank)
+        if not select.select([], [rank.stdin_w], [], min(remaining, 0.5))[1]:
+            continue
+        try:
+            data = data[os.write(rank.stdin_w, data):]
+        except BlockingIOError:
+            continue
+        except BrokenPipeError:
+            return  # the rank died at once; the watcher reports it
 

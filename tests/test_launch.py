@@ -152,7 +152,18 @@ def test_debug_mode_names_a_mismatched_collective(no_leftovers):
         labkit.launch(mismatched_collective, 2, debug=True, timeout=30, quiet=True)
     assert time.monotonic() - start < 15
     assert "mismatch" in str(info.value).lower()
+    assert "Every rank must call the same collectives" in str(info.value)
     assert not isinstance(info.value, labkit.LaunchTimeout)
+
+
+def initialises_again():
+    dist.init_process_group("gloo")
+
+
+def test_calling_init_process_group_again_gets_a_hint(no_leftovers):
+    with pytest.raises(labkit.LaunchError) as info:
+        labkit.launch(initialises_again, 2, quiet=True)
+    assert "already initialised the process group" in str(info.value)
 
 
 def returns_a_lock():
@@ -238,3 +249,11 @@ def test_the_banner_says_ranks_backend_and_threads(capsys):
     out = capsys.readouterr().out
     threads = max(1, os.cpu_count() // 2)
     assert f"2 rank(s), backend gloo, {threads} thread(s) per rank" in out
+
+
+def test_torch_without_a_loopback_socket_store_falls_back_to_a_private_file_store(monkeypatch):
+    from labkit import _rendezvous
+    monkeypatch.setattr(_rendezvous, "_tcp_store_takes_a_socket", lambda: False)
+    env = labkit.launch(describe_rank, 2, quiet=True)[0]["env"]
+    assert env["MASTER_PORT"] == "0"  # no port was opened at all
+    assert labkit.launch(rank_sum, 2, quiet=True) == [3.0, 3.0]
