@@ -38,7 +38,7 @@ def _to_cpu(value):
     import torch
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
-    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+    if type(value) in (list, tuple):
         return type(value)(_to_cpu(v) for v in value)
     if type(value) is dict:
         return {k: _to_cpu(v) for k, v in value.items()}
