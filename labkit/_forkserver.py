@@ -10,6 +10,7 @@ Protocol on the control socket: the launcher sends one byte with four descriptor
 stdin, stdout, stderr and result pipes); the server answers with the new rank's pid.
 """
 import os
+import select
 import signal
 import socket
 import struct
@@ -28,6 +29,19 @@ def _preload() -> None:
     import torch.nn  # noqa: F401
 
     import labkit._worker  # noqa: F401
+
+
+def _preload_extras() -> None:
+    """Modules that cost seconds at a rank's first use and are safe to import before fork.
+
+    The first op under a TorchDispatchMode (labkit's MemoryTracer and CommCounter) imports
+    torch._dynamo: about 2 s per rank. Imported here once, while the server is idle, it costs
+    nothing per launch. It starts no threads, so forking stays safe.
+    """
+    try:
+        import torch._dynamo  # noqa: F401
+    except Exception:  # noqa: BLE001 - an optional speed-up, never a reason to fail
+        pass
 
 
 def _become_rank(control: socket.socket, fds: list[int]) -> None:
@@ -56,7 +70,12 @@ def serve(control_fd: int) -> None:
         return
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the OS reaps the ranks: no zombies
     control.sendall(b"R")
+    extras_loaded = False
     while True:
+        if not extras_loaded and not select.select([control], [], [], 0.05)[0]:
+            _preload_extras()  # nobody is waiting: use the idle moment
+            extras_loaded = True
+            continue
         try:
             message, fds, _flags, _addr = socket.recv_fds(control, 1, RANK_FDS)
         except (OSError, ConnectionError):
