@@ -1,8 +1,14 @@
 """labkit: the plumbing of a hands-on course on distributed training.
 
-Learners write the algorithms; labkit launches the ranks, and (in later modules) measures
-memory and communication.
+Learners write the algorithms; labkit launches the ranks (``launch``), measures memory by
+category (``MemoryTracer``) and communication (``CommCounter``), and holds the formulas
+(``labkit.theory``), simulated large runs (``labkit.simulate``), figures (``labkit.plots``) and
+widgets (``labkit.widgets``).
+
+Importing labkit does not import torch: the fork server then imports torch on another core while
+the notebook does (see docs/architecture.md). The tools that need torch load on first use.
 """
+import importlib
 import os
 
 from labkit import _ranks
@@ -13,5 +19,20 @@ from labkit.launch import launch
 if os.environ.get("LABKIT_PRESTART", "1") != "0":
     _ranks.prestart()  # the first launch then finds torch already imported in the fork server
 
-__all__ = ["launch", "shutdown", "LaunchError", "LaunchTimeout"]
+_LAZY = {"MemoryTracer": "labkit.memory", "CommCounter": "labkit.comm"}
+_SUBMODULES = ("theory", "simulate", "plots", "widgets", "memory", "comm", "collectives",
+               "doctor")
+
+
+def __getattr__(name):
+    """Load torch-heavy tools and submodules the first time they are used."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"labkit.{name}")
+    raise AttributeError(f"module 'labkit' has no attribute {name!r}")
+
+
+__all__ = ["launch", "shutdown", "LaunchError", "LaunchTimeout", "MemoryTracer", "CommCounter",
+           "theory", "simulate", "plots", "widgets"]
 __version__ = "0.1.0"

@@ -51,7 +51,8 @@ Times include waiting for the slowest rank to arrive: a collective finishes for 
 Costs: every op inside the ``with`` passes through one Python call. The first op under any
 dispatch mode in a process imports ``torch._dynamo`` (torch wraps ``__torch_dispatch__`` with
 ``torch._disable_dynamo``): about 2 s once per rank on a 2-core machine, unless the process that
-forks the ranks imported it already. Threads you start yourself inside the ``with`` are not seen.
+forks the ranks imported it already (labkit's fork server does, while idle). Threads you
+start yourself inside the ``with`` are not seen.
 """
 import threading
 import time

@@ -1,6 +1,6 @@
 """Figures shared by notebooks and slides: where memory goes, rank by rank, beside the formula."""
 
-CATEGORIES = ("params", "grads", "optimizer", "activations", "comm", "other")
+CATEGORIES = ("params", "grads", "optimizer", "activations", "comm", "other")  # as labkit.memory's
 COLOURS = {"params": "#4C72B0", "grads": "#DD8452", "optimizer": "#55A868",
            "activations": "#C44E52", "comm": "#8172B3", "other": "#937860"}
 UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}

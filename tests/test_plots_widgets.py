@@ -29,6 +29,11 @@ def test_memory_bars_stack_each_category_at_its_measured_height():
     assert len(dashed) == 1 and dashed[0].get_ydata()[0] == pytest.approx(16)
 
 
+def test_plots_know_the_tracer_categories_in_the_same_order():
+    from labkit.memory import CATEGORIES
+    assert plots.CATEGORIES == CATEGORIES
+
+
 def test_memory_bars_reject_an_unknown_unit():
     with pytest.raises(ValueError, match="unit must be one of"):
         plots.memory_bars([RANK0], unit="parsecs")

@@ -1,0 +1,228 @@
+"""labkit.MemoryTracer: exact bytes by category, peak, timeline, tags, DDP on 2 ranks, CUDA."""
+import pickle
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+import labkit
+from labkit.memory import CATEGORIES, MemoryTracer
+
+PSI = 1_050_112  # parameters of Linear(1024, 512), ReLU, Linear(512, 1024)
+ADAM_STEPS = 4 * 4  # Adam keeps one fp32 `step` scalar per parameter tensor (4 of them)
+BATCH = 64
+
+
+def mlp(seed=0, device="cpu"):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 512), torch.nn.ReLU(),
+                                torch.nn.Linear(512, 1024)).to(device)
+    return model, torch.randn(BATCH, 1024, device=device)
+
+
+def train_step(model, optimizer, x):
+    loss = model(x).sum()
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def test_one_adam_step_is_4_4_8_psi_to_the_byte():
+    model, x = mlp()
+    assert sum(p.numel() for p in model.parameters()) == PSI
+    optimizer = torch.optim.Adam(model.parameters())  # on CPU the default is the for-loop Adam
+    with MemoryTracer(model, optimizer) as mem:
+        train_step(model, optimizer, x)
+        after_step = mem.current
+        optimizer.zero_grad()
+    assert after_step == {"params": 4 * PSI, "grads": 4 * PSI, "optimizer": 8 * PSI + ADAM_STEPS,
+                          "activations": 0, "comm": 0, "other": BATCH * 1024 * 4}  # x
+    assert mem.current["grads"] == 0  # zero_grad() sets them to None: freed
+    # The peak is in Adam's update of the first weight: sqrt and div temporaries of 2 MiB each.
+    assert mem.peak_total == 21_260_308 and mem.peak_event == "optimizer.step aten.div.Tensor"
+    assert mem.peak["optimizer"] == 8 * PSI + ADAM_STEPS and mem.peak["grads"] == 4 * PSI
+    assert list(mem.peak) == list(CATEGORIES)
+    assert mem.cuda_allocated is None and mem.cuda_peak is None  # no CUDA here
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_peak_equals_torch_memtracker(foreach):
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except ImportError as error:  # a private torch API: it may move
+        pytest.skip(f"torch.distributed._tools.mem_tracker.MemTracker unavailable: {error}")
+    peaks = []
+    for tracer in ("memtracker", "labkit"):
+        model, x = mlp()
+        optimizer = torch.optim.Adam(model.parameters(), foreach=foreach)
+        if tracer == "memtracker":
+            reference = MemTracker()
+            reference.track_external(model, optimizer, x)
+            with reference:
+                for _ in range(2):
+                    reference.reset_mod_stats()  # MemTracker needs this every iteration
+                    train_step(model, optimizer, x)
+                    optimizer.zero_grad()
+            snapshot = reference.get_tracker_snapshot("peak")
+            peaks.append(sum(s["Total"] for s in snapshot.values()))
+        else:
+            with MemoryTracer(model, optimizer) as mem:
+                for _ in range(2):
+                    train_step(model, optimizer, x)
+                    optimizer.zero_grad()
+            peaks.append(mem.peak_total)
+    print(f"foreach={foreach}: MemTracker peak {peaks[0]:,} B, MemoryTracer peak {peaks[1]:,} B")
+    assert peaks[0] == peaks[1] == (21_264_404 if foreach else 21_260_308)
+
+
+def test_activations_are_saved_in_forward_and_released_by_backward():
+    model, x = mlp()
+    with MemoryTracer(model) as mem:
+        loss = model(x).sum()
+        saved = mem.current["activations"]
+        loss.backward()
+        released = mem.current["activations"]
+    # Linear 1 saves x, ReLU its output, which Linear 2 saves too (one storage); the weights
+    # are saved as well, but they are parameters.
+    assert saved == BATCH * 1024 * 4 + BATCH * 512 * 4
+    assert released == 0 and mem.current["other"] == BATCH * 1024 * 4 + 4  # x and loss live on
+    events = [event for event, _, _ in mem.timeline]
+    assert events[0] == "enter" and events[-1] == "exit" and "after forward" in events
+    assert any(e.startswith("forward aten.addmm") for e in events)
+    assert any(e.startswith("backward aten.mm") for e in events)
+    assert max(by["activations"] for _, _, by in mem.timeline) == saved
+    assert all(total == sum(by.values()) for _, total, by in mem.timeline)
+
+
+def test_views_count_once_and_tags_follow_the_documented_priority():
+    flat = torch.zeros(1000)  # a learner's flat buffer, made before the tracer
+    weight = torch.nn.Parameter(flat[:600].view(20, 30))
+    bias = torch.nn.Parameter(flat[600:620])
+    with MemoryTracer([torch.nn.ParameterList([weight, bias])]) as mem:
+        assert mem.current["params"] == 4000  # one storage, however many views
+        mem.tag(flat[900:], "comm")  # a tag covers the whole storage, and beats "params"
+        assert mem.current["params"] == 0 and mem.current["comm"] == 4000
+        mem.tag(flat, "params")
+        bucket = mem.tag(torch.empty(250), "comm")
+        assert mem.current == {"params": 4000, "grads": 0, "optimizer": 0, "activations": 0,
+                               "comm": 1000, "other": 0}
+        mem.tag(bucket.untyped_storage(), None)  # by storage; None removes the tag
+        assert mem.current["comm"] == 0 and mem.current["other"] == 1000
+        bucket.untyped_storage().resize_(0)  # how FSDP frees a buffer but keeps its storage
+        assert mem.current["other"] == 0
+        with pytest.raises(ValueError, match="category must be one of"):
+            mem.tag(bucket, "activation")
+        del bucket
+    assert mem.peak_total == 5000 and mem.current["other"] == 0
+
+
+def test_several_models_and_optimizers_and_none():
+    model_a, x = mlp(seed=1)
+    model_b, _ = mlp(seed=2)
+    optimizers = [torch.optim.SGD(model_a.parameters(), lr=0.1, momentum=0.9),
+                  torch.optim.Adam(model_b.parameters())]
+    with MemoryTracer([model_a, model_b], optimizers) as mem:
+        loss = model_a(x).sum() + model_b(x).sum()
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+    assert mem.current["params"] == mem.current["grads"] == 8 * PSI
+    assert mem.current["optimizer"] == 4 * PSI + 8 * PSI + ADAM_STEPS  # momentum + Adam
+    with MemoryTracer([model_a, model_b], optimizers) as again:  # all made before this `with`
+        pass
+    assert [event for event, _, _ in again.timeline] == ["enter", "exit"]
+    assert again.current == dict(mem.current, other=0) and again.peak == again.current
+    with MemoryTracer() as plain:  # no model, no optimizer: everything is "other"
+        y = torch.ones(1000)
+        z = y * 2
+        del y
+    assert plain.peak == dict(dict.fromkeys(CATEGORIES, 0), other=8000)
+    assert plain.peak_event == "aten.mul.Tensor" and plain.current["other"] == 4000
+    assert z.sum() == 2000
+
+
+def test_tracer_leaves_nothing_behind_and_keeps_autograd_checks():
+    model, x = mlp()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        with MemoryTracer(model) as mem:
+            y = model(x).sigmoid()  # sigmoid saves its output
+            y.add_(1)
+            y.sum().backward()
+    assert _get_current_dispatch_mode() is None
+    length = len(mem.timeline)
+    model(x).sum().backward()  # not traced any more: hooks and mode are gone
+    assert len(mem.timeline) == length and mem.current == mem.timeline[-1][2]
+    with pytest.raises(RuntimeError, match="already active"):
+        with mem:
+            mem.__enter__()
+
+
+def test_wrapper_subclasses_count_their_inner_tensors_and_sparse_is_skipped():
+    try:  # TwoTensor: torch's own test subclass, built like DTensor (a private module)
+        from torch.testing._internal.two_tensor import TwoTensor
+    except ImportError as error:
+        pytest.skip(f"torch.testing._internal.two_tensor unavailable: {error}")
+    pair = TwoTensor(torch.zeros(100), torch.zeros(100))
+    embedding = torch.nn.Embedding(10, 4, sparse=True)  # its grad is a sparse tensor
+    with MemoryTracer(embedding) as mem:
+        doubled = pair * 2
+        embedding(torch.tensor([1, 2])).sum().backward()
+    assert isinstance(doubled, TwoTensor) and mem.current["params"] == 160
+    assert mem.current["grads"] == 0  # sparse: no plain storage to count
+    assert mem.current["other"] == 2 * 400 + 2 * 400  # pair and doubled, two storages each
+
+
+def ddp_memory():
+    """One rank: torch DDP with default buckets, then with gradient_as_bucket_view=True."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    reports = []
+    for as_view in (False, True):
+        model, _ = mlp()  # the same start on every rank, as DDP checks
+        x = torch.randn(BATCH, 1024, generator=torch.Generator().manual_seed(dist.get_rank()))
+        ddp = DDP(model, gradient_as_bucket_view=as_view)
+        optimizer = torch.optim.Adam(ddp.parameters())
+        mem = MemoryTracer(ddp, optimizer)
+        mem.tag_ddp_buckets(ddp)
+        with mem:
+            for _ in range(2):  # DDP rebuilds its buckets after the first step
+                train_step(ddp, optimizer, x)
+                after_step = mem.current
+                optimizer.zero_grad()
+        checksum = sum(p.double().sum().item() for p in model.parameters())
+        reports.append(dict(mem.report(), after_step=after_step, checksum=checksum))
+    return reports
+
+
+def test_ddp_on_two_ranks_grads_and_buckets(no_leftovers):
+    results = labkit.launch(ddp_memory, nprocs=2, quiet=True)
+    for rank, (default, as_view) in enumerate(results):
+        assert default["rank"] == rank and len(pickle.dumps(default)) < 2000
+        # Default DDP: the grads, and a second copy of them in DDP's buckets.
+        assert default["after_step"] == {"params": 4 * PSI, "grads": 4 * PSI,
+                                         "optimizer": 8 * PSI + ADAM_STEPS, "activations": 0,
+                                         "comm": 4 * PSI, "other": BATCH * 1024 * 4}
+        assert default["peak"]["comm"] == 4 * PSI
+        assert default["peak_total"] == 21_260_308 + 4 * PSI
+        # gradient_as_bucket_view=True: the buckets are the grads; no copy.
+        assert as_view["after_step"]["grads"] == 4 * PSI and as_view["after_step"]["comm"] == 0
+        assert as_view["peak_total"] == 21_260_308
+        assert as_view["current"]["grads"] == 4 * PSI  # buckets outlive zero_grad()
+    # The tagging hook still all-reduces: different data on each rank, same parameters.
+    assert results[0][0]["checksum"] == results[1][0]["checksum"]
+    assert results[0][1]["checksum"] == results[1][1]["checksum"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_traced_bytes_beside_torch_allocator():
+    model, x = mlp(device="cuda")
+    optimizer = torch.optim.Adam(model.parameters())
+    with MemoryTracer(model, optimizer, device="cuda") as mem:  # Adam's steps stay on the CPU
+        train_step(model, optimizer, x)
+        after_step = mem.current
+    assert after_step["params"] == after_step["grads"] == 4 * PSI
+    assert after_step["optimizer"] == 8 * PSI
+    print(f"traced peak {mem.peak_total:,} B, torch.cuda.max_memory_allocated {mem.cuda_peak:,} B;"
+          f" traced now {sum(mem.current.values()):,} B, allocated {mem.cuda_allocated:,} B")
+    # The allocator rounds blocks up to 512 B and holds cuBLAS's workspace: never less.
+    assert mem.cuda_peak >= mem.peak_total and mem.cuda_allocated >= sum(mem.current.values())
