@@ -374,3 +374,19 @@ def test_compat_picks_the_new_name_when_torch_has_it():
     new = getattr(dist, "all_gather_single", None)
     expected = new if new is not None else dist.all_gather_into_tensor
     assert collectives._newest("all_gather_single", "all_gather_into_tensor") is expected
+
+
+def ddp_step_on_gpu():
+    device = torch.device("cuda", torch.cuda.current_device())  # the launcher set LOCAL_RANK's
+    model = torch.nn.parallel.DistributedDataParallel(mlp().to(device), device_ids=[device])
+    with CommCounter() as step:
+        model(batch().to(device)).square().mean().backward()
+    torch.cuda.synchronize()
+    return step.summary()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs for NCCL")
+def test_nccl_ddp_step_all_reduces_exactly_the_fp32_gradients():
+    for summary in labkit.launch(ddp_step_on_gpu, 2, backend="nccl", quiet=True):
+        assert summary["all_reduce"]["payload_bytes"] == FP32 * PSI
+        assert summary["all_reduce"]["seconds"] is not None

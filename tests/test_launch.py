@@ -257,3 +257,17 @@ def test_torch_without_a_loopback_socket_store_falls_back_to_a_private_file_stor
     env = labkit.launch(describe_rank, 2, quiet=True)[0]["env"]
     assert env["MASTER_PORT"] == "0"  # no port was opened at all
     assert labkit.launch(rank_sum, 2, quiet=True) == [3.0, 3.0]
+
+
+def gpu_rank():
+    value = torch.ones(1, device="cuda") * (dist.get_rank() + 1)
+    dist.all_reduce(value)
+    return dist.get_backend(), torch.cuda.current_device(), value
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs for NCCL")
+def test_auto_backend_on_gpus_is_nccl_with_one_gpu_per_rank(no_leftovers):
+    results = labkit.launch(gpu_rank, 2, quiet=True)
+    for rank, (backend, device, value) in enumerate(results):
+        assert (backend, device) == ("nccl", rank)
+        assert value.device.type == "cpu" and value.item() == 3.0  # results come back on the CPU
