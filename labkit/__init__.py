@@ -21,7 +21,7 @@ if os.environ.get("LABKIT_PRESTART", "1") != "0":
 
 _LAZY = {"MemoryTracer": "labkit.memory", "CommCounter": "labkit.comm"}
 _SUBMODULES = ("theory", "simulate", "plots", "widgets", "memory", "comm", "collectives",
-               "doctor")
+               "doctor", "check")
 
 
 def __getattr__(name):
@@ -34,5 +34,5 @@ def __getattr__(name):
 
 
 __all__ = ["launch", "shutdown", "LaunchError", "LaunchTimeout", "MemoryTracer", "CommCounter",
-           "theory", "simulate", "plots", "widgets"]
+           "theory", "simulate", "plots", "widgets", "check"]
 __version__ = "0.1.0"

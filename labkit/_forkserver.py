@@ -6,8 +6,9 @@ no CUDA), which is why this is a separate, freshly started interpreter and not t
 kernel. It holds no process group, exits when the notebook's process goes away (its control
 socket closes), and lets the OS reap the ranks it forks.
 
-Protocol on the control socket: the launcher sends one byte with four descriptors (the rank's
-stdin, stdout, stderr and result pipes); the server answers with the new rank's pid.
+Protocol on the control socket: the launcher sends b"F" with four descriptors (the rank's
+stdin, stdout, stderr and result pipes) and the server answers with the new rank's pid; or b"W"
+(no descriptors), answered with b"W" once the optional extras are imported too.
 """
 import os
 import select
@@ -82,6 +83,12 @@ def serve(control_fd: int) -> None:
             return
         if not message:  # the launcher's process is gone
             return
+        if message == b"W":
+            if not extras_loaded:
+                _preload_extras()
+                extras_loaded = True
+            control.sendall(b"W")
+            continue
         pid = os.fork()
         if pid == 0:
             _become_rank(control, fds)

@@ -144,6 +144,14 @@ class ForkServer:
                 data += chunk
             return PID.unpack(data)[0]
 
+    def wait_warm(self) -> None:
+        """Wait until the server has also imported the extras (torch._dynamo, for dispatch modes)."""
+        with self._lock:
+            self.wait_ready()
+            socket.send_fds(self._control, [b"W"], [])
+            if self._control.recv(1) != b"W":
+                raise RuntimeError("labkit's fork server exited unexpectedly")
+
     def close(self) -> None:
         try:
             self._control.close()
@@ -170,6 +178,12 @@ def fork_server() -> ForkServer:
                 _server.close()
             _server = ForkServer()
         return _server
+
+
+def warm_up() -> None:
+    """Wait until the fork server is ready and has imported the extras, so a launch that traces
+    memory or communication pays no start-up inside its timeout (labkit.check uses this)."""
+    fork_server().wait_warm()
 
 
 def prestart() -> None:

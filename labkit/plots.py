@@ -57,3 +57,85 @@ def memory_bars(per_rank, predicted=None, unit: str = "MB", title: str | None = 
     ax.set_title(title or "Memory per rank by category")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return ax
+
+
+def _values(row) -> list | None:
+    """One rank's values as a list of floats: from a tensor, an array, a list or None."""
+    if row is None:
+        return None
+    if hasattr(row, "tolist"):
+        row = row.tolist()
+    if not isinstance(row, (list, tuple)):
+        row = [row]
+    return [float(v) for v in row]
+
+
+def collective_grid(per_rank) -> tuple:
+    """(values, mask) for one panel of collective_picture: rows = ranks, columns = elements.
+
+    A rank with fewer elements than the longest, or None, leaves its missing cells masked.
+    """
+    import numpy as np
+
+    rows = [_values(row) for row in per_rank]
+    width = max([len(row) for row in rows if row is not None] + [1])
+    values = np.zeros((len(rows), width))
+    mask = np.ones((len(rows), width), dtype=bool)
+    for r, row in enumerate(rows):
+        for j, value in enumerate(row or []):
+            values[r, j], mask[r, j] = value, False
+    return values, mask
+
+
+def collective_picture(before, after, title: str | None = None, axes=None, fmt: str = "{:g}",
+                       cmap: str = "YlGnBu"):
+    """What every rank held before and after a collective: two grids, rank x element.
+
+    before, after: one entry per rank (index = rank): a 1-D tensor, array or list of numbers,
+    or None for a rank with nothing to show. Rows may differ in length (a reduce-scatter leaves
+    each rank a shard); missing cells stay blank. Each cell is annotated with its value and
+    coloured by it, on one colour scale for both panels (logarithmic when every value is > 0
+    and they span more than a factor of 100, so that 1 and 1111 both stand out).
+    axes: a pair of matplotlib Axes to draw in. Returns (ax_before, ax_after).
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import LogNorm, Normalize
+
+    panels = [collective_grid(before), collective_grid(after)]
+    shown = np.concatenate([values[~mask] for values, mask in panels])
+    if shown.size and shown.min() > 0 and shown.max() / shown.min() > 100:
+        norm = LogNorm(vmin=shown.min(), vmax=shown.max() * 3)
+    else:
+        low, high = (shown.min(), shown.max()) if shown.size else (0.0, 1.0)
+        norm = Normalize(vmin=low, vmax=high + (high - low or 1.0) * 0.5)
+    if axes is None:
+        widths = [values.shape[1] for values, _ in panels]
+        height = max(values.shape[0] for values, _ in panels)
+        _, axes = plt.subplots(1, 2, figsize=(0.7 * sum(widths) + 2.6, 0.45 * height + 1.2),
+                               gridspec_kw={"width_ratios": widths}, layout="constrained")
+    colours = plt.get_cmap(cmap)
+    for ax, (values, mask), label in zip(axes, panels, ("before", "after")):
+        ranks, width = values.shape
+        ax.pcolormesh(np.ma.masked_array(values, mask), cmap=colours, norm=norm,
+                      edgecolors="white", linewidth=2)
+        for r in range(ranks):
+            for j in range(width):
+                if mask[r, j]:
+                    continue
+                red, green, blue, _ = colours(norm(values[r, j]))
+                dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
+                ax.text(j + 0.5, r + 0.5, fmt.format(values[r, j]), ha="center", va="center",
+                        fontsize="small", color="white" if dark else "black")
+        ax.set_xlim(0, width)
+        ax.set_ylim(ranks, 0)   # rank 0 on top
+        ax.set_yticks([r + 0.5 for r in range(ranks)], [f"rank {r}" for r in range(ranks)])
+        ax.set_xticks([j + 0.5 for j in range(width)], [str(j) for j in range(width)])
+        ax.set_xlabel("element")
+        ax.set_title(label)
+        ax.tick_params(length=0)
+        for side in ax.spines.values():
+            side.set_visible(False)
+    if title:
+        axes[0].figure.suptitle(title)
+    return axes[0], axes[1]

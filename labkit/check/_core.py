@@ -1,0 +1,372 @@
+"""What every check shares: the result, the one printed line, and running learner code on N ranks.
+
+A check never raises because the learner's code is wrong or unfinished: "Run all" must reach the
+end of the notebook. Everything that can go wrong in the learner's code (a wrong value, an
+exception on one rank, a deadlock, the ``raise NotImplementedError()`` stub) becomes a
+``CheckResult`` with a hint that names the likely bug. The notebook's hidden test is
+``assert result.passed, result.hint``.
+
+Inside a rank, graders call the learner through ``call_learner``; in the notebook they launch
+ranks through ``Ranks``, which turns a crash or a hang into ``Failed(hint)``.
+"""
+import contextlib
+import dataclasses
+import functools
+import io
+import os
+import re
+import sys
+import sysconfig
+import time
+from typing import Callable, NamedTuple, Optional
+
+import labkit
+
+MIMETYPE = "application/vnd.labkit.check+json"
+PASSED, FAILED, NOT_IMPLEMENTED = "passed", "failed", "not implemented"
+_MARKS = {PASSED: "✓", FAILED: "✗", NOT_IMPLEMENTED: "…"}
+
+
+@dataclasses.dataclass
+class CheckResult:
+    """The outcome of one check: what the notebook's hidden test asserts on.
+
+    ``summary`` says what was verified (shown after ✓); ``hint`` names the likely bug (after ✗);
+    ``figures`` are the measured numbers; ``details`` the full error of a crash or hang, when
+    there was one (not printed: the hint says what matters; read it for the whole traceback).
+    """
+    name: str
+    passed: bool
+    status: str
+    hint: Optional[str] = None
+    figures: dict = dataclasses.field(default_factory=dict)
+    summary: str = ""
+    details: Optional[str] = None
+
+    @property
+    def line(self) -> str:
+        """The one line the check prints."""
+        text = {PASSED: self.summary, FAILED: self.hint,
+                NOT_IMPLEMENTED: "not implemented yet"}[self.status]
+        return f"{_MARKS[self.status]} {self.name}: {text}"
+
+    def to_json(self) -> dict:
+        """What ``labkit grade`` reads from the notebook's outputs."""
+        return {"name": self.name, "passed": self.passed, "status": self.status,
+                "hint": self.hint, "figures": self.figures}
+
+    def __bool__(self):
+        # so that `assert labkit.check.x(fn)` fails when the check fails (a dataclass is truthy)
+        return self.passed
+
+    def __repr__(self):
+        # short: when the check is a cell's last expression, the printed line already says it all
+        return f"CheckResult(name={self.name!r}, status={self.status!r})"
+
+
+class Failed(Exception):
+    """Raised by a grader (in the notebook's process) to report a failure with its hint."""
+
+    def __init__(self, hint: str, figures: Optional[dict] = None, details: Optional[str] = None):
+        super().__init__(hint)
+        self.hint, self.figures, self.details = hint, figures or {}, details
+
+
+class NotImplementedYet(Exception):
+    """The learner's function is still the ``raise NotImplementedError()`` stub."""
+
+
+def exercise(name: str):
+    """Turn ``grader(fn, **options) -> (summary, figures)`` into a check that never raises.
+
+    The grader raises ``Failed`` (or lets ``Ranks`` raise it) to fail; the check prints one line,
+    publishes the result to the notebook's outputs and returns it.
+    """
+    def wrap(grader):
+        @functools.wraps(grader)
+        def check(fn, **options) -> CheckResult:
+            result = _grade(name, grader, fn, options)
+            report(result)
+            return result
+        return check
+    return wrap
+
+
+def _grade(name, grader, fn, options) -> CheckResult:
+    if not callable(fn):
+        return CheckResult(name, False, FAILED, hint=f"pass your function itself, e.g. "
+                           f"labkit.check.{name}({name}), not {type(fn).__name__} {fn!r:.60}")
+    try:
+        summary, figures = grader(fn, **options)
+    except Failed as failure:
+        return CheckResult(name, False, FAILED, hint=failure.hint, figures=failure.figures,
+                           details=failure.details)
+    except NotImplementedYet:
+        return CheckResult(name, False, NOT_IMPLEMENTED)
+    except Exception as exc:  # noqa: BLE001 - a check must never stop "Run all"
+        return CheckResult(name, False, FAILED, details=repr(exc),
+                           hint=f"the check itself could not run ({type(exc).__name__}: {exc}); "
+                                "this is likely a bug in labkit: please report it")
+    return CheckResult(name, True, PASSED, figures=figures, summary=summary)
+
+
+def report(result: CheckResult) -> None:
+    """Print the line; in a Jupyter kernel also publish the result for ``labkit grade``."""
+    print(result.line, flush=True)
+    if _in_kernel():
+        from IPython.display import display
+        # The empty text/plain keeps front ends without a renderer for our type (VS Code) from
+        # writing "no renderer found"; the line above is what a learner reads.
+        display({MIMETYPE: result.to_json(), "text/plain": ""}, raw=True)
+
+
+def _in_kernel() -> bool:
+    """True in a Jupyter kernel (not a terminal IPython, not plain Python)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+# --- inside a rank -------------------------------------------------------------------------------
+
+class LearnerCrash(RuntimeError):
+    """The learner's function raised inside a rank; the message carries the case it was given.
+
+    Format: ``<case> :: <ExceptionType>: <message>``, read back by ``Ranks`` in the notebook.
+    Peer-loss messages ("Connection closed by peer") stay in the text, so the launcher still
+    ranks those ranks as victims, not as the root cause.
+    """
+
+
+_TORCH_DIR = os.sep + "torch" + os.sep
+
+
+def call_learner(fn, *args, case: str = ""):
+    """Call the learner's function in a rank; tag its exceptions with the case it was running.
+
+    ``NotImplementedError`` raised by the learner's own code (the stub) passes through
+    untouched, so the notebook reports "not implemented yet"; one raised inside torch is a
+    crash like any other.
+    """
+    try:
+        return fn(*args)
+    except NotImplementedError as exc:
+        if not _raised_in_torch(exc):
+            raise
+        raise LearnerCrash(f"{case} :: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        raise LearnerCrash(f"{case} :: {type(exc).__name__}: {exc}") from exc
+
+
+def _raised_in_torch(exc) -> bool:
+    tb = exc.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return _TORCH_DIR in tb.tb_frame.f_code.co_filename
+
+
+# --- in the notebook: launching and reading failures ---------------------------------------------
+
+class Crash(NamedTuple):
+    """A learner function that raised: on which rank, with which case, what, and where."""
+    rank: int
+    nprocs: int
+    case: str
+    type: str
+    message: str
+    where: Optional[str]   # "line 12 in ring_all_reduce: `tensor[i] += buf`", when known
+
+
+class Wait(NamedTuple):
+    """Where a rank was waiting when the launch timed out."""
+    rank: int
+    op: Optional[str]      # "send", "recv", "wait" (a request's .wait()), "all_reduce", ...
+    where: Optional[str]   # the learner's line, when it is in the stack
+
+
+class Ranks:
+    """Launches one check's ranks under a per-launch timeout and a budget for the whole check.
+
+    ``crash_advice(crash)`` and ``hang_advice(waits, nprocs)`` let a grader add what it knows
+    about its exercise to the generic hints (return None to add nothing).
+    """
+
+    def __init__(self, exercise: str, timeout: float = 10.0, budget: float = 25.0,
+                 crash_advice: Optional[Callable] = None, hang_advice: Optional[Callable] = None):
+        self.exercise, self.timeout = exercise, timeout
+        self.crash_advice, self.hang_advice = crash_advice, hang_advice
+        _wait_for_fork_server()   # importing torch there is not the learner's time
+        self.deadline = time.monotonic() + budget
+
+    def run(self, worker, nprocs: int, *args) -> list:
+        """``labkit.launch(worker, nprocs, args)``; a crash or hang raises ``Failed``."""
+        left = self.deadline - time.monotonic()
+        if left < 1.0:
+            raise Failed(f"the check ran out of time before it could try {nprocs} ranks: "
+                         f"{self.exercise} is too slow (a loop over single elements?)")
+        timeout = min(self.timeout, left)
+        # The ranks' stdout (the learner's prints) shows as usual; their stderr (torch's C++
+        # logging, warnings) would bury the one line the check prints, so it goes to `details`.
+        stderr = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(stderr):
+                return labkit.launch(worker, nprocs, args=args, timeout=timeout, quiet=True)
+        except labkit.LaunchTimeout as error:
+            raise Failed(self._hang_hint(error, nprocs, timeout),
+                         details=_details(error, stderr)) from None
+        except labkit.LaunchError as error:
+            if any(f.get("type") == "NotImplementedError" for f in error.failures.values()):
+                raise NotImplementedYet() from None
+            raise Failed(self._crash_hint(error, nprocs), details=_details(error, stderr)) from None
+        except ValueError as error:   # labkit.launch refused the function (e.g. cannot pickle)
+            raise Failed(str(error)) from None
+
+    def _crash_hint(self, error, nprocs) -> str:
+        crash = read_crash(error, nprocs)
+        if crash is None:
+            return f"{self.exercise} failed on {nprocs} ranks: {str(error).splitlines()[0]}"
+        at = f" ({crash.where})" if crash.where else ""
+        if crash.case:   # the learner's function raised
+            hint = (f"{self.exercise} raised {crash.type} on rank {crash.rank} of {crash.nprocs} "
+                    f"with {crash.case}{at}: {_shorten(crash.message)}")
+        else:            # the rank died (killed, os._exit, a crash in native code)
+            hint = (f"{self.exercise} failed on rank {crash.rank} of {crash.nprocs}{at}: "
+                    f"{crash.type}: {_shorten(crash.message)}")
+        advice = self.crash_advice(crash) if self.crash_advice else None
+        return f"{hint.rstrip('.')}. {advice}" if advice else hint
+
+    def _hang_hint(self, error, nprocs, timeout) -> str:
+        waits = [where_waiting(rank, stack) for rank, stack in sorted(error.stacks.items())]
+        hint = describe_hang(waits, nprocs, timeout)
+        advice = self.hang_advice(waits, nprocs) if self.hang_advice else None
+        return f"{hint}; {advice}" if advice else hint
+
+
+_warm = False
+
+
+def _wait_for_fork_server() -> None:
+    """Let the fork server finish starting before a check's clock runs, once per process.
+
+    After importing torch the fork server imports torch._dynamo (about 2 s), which the first op
+    under a CommCounter needs; ranks forked before that would import it themselves, spending
+    seconds of the learner's timeout on start-up. ``warm_up`` waits until the server has it.
+    """
+    global _warm
+    if _warm:
+        return
+    try:
+        from labkit import _ranks
+        _ranks.warm_up()
+        _warm = True
+    except Exception:  # noqa: BLE001 - the check's own launch will say what is wrong
+        pass
+
+
+def _details(error, stderr) -> str:
+    text = stderr.getvalue()
+    return str(error) + (f"\n\nWhat the ranks wrote to stderr:\n{text}" if text else "")
+
+
+# "[rank1]:[F1127 22:06:10.96 ProcessGroupGloo.cpp:1537] " and "[/path/to/pair.cc:553] "
+_LOG_PREFIX = re.compile(r"^(\[rank\d+\]:)?\[[^\]]*\.(cpp|cc|h):\d+\]\s*")
+
+
+def _shorten(text: str, limit: int = 200) -> str:
+    first = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    first = _LOG_PREFIX.sub("", first)
+    return first if len(first) <= limit else first[:limit - 3] + "..."
+
+
+_TB_FRAME = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<name>.+)$')
+_STACK_FRAME = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+) in (?P<name>.+)$')
+
+
+def read_crash(error, nprocs: int) -> Optional[Crash]:
+    """The root-cause rank's exception, split into case, type, message and the learner's line."""
+    failure = error.failures.get(error.rank) if error.rank is not None else None
+    if not failure:
+        return None
+    case, text = "", f"{failure.get('type', '')}: {failure.get('message', '')}"
+    if failure.get("type") == LearnerCrash.__name__ and " :: " in failure.get("message", ""):
+        case, text = failure["message"].split(" :: ", 1)
+    kind, _, message = text.partition(": ")
+    return Crash(error.rank, nprocs, case, kind, message,
+                 _learner_line(failure.get("traceback", ""), _TB_FRAME))
+
+
+def _learner_line(text: str, frame: re.Pattern, newest_first: bool = False) -> Optional[str]:
+    """The innermost frame of the learner's own code (not torch, not labkit) in a traceback."""
+    found, lines = None, text.splitlines()
+    for i, line in enumerate(lines):
+        match = frame.match(line)
+        if not match or _is_library(match["file"]):
+            continue
+        source = lines[i + 1].strip() if i + 1 < len(lines) and not frame.match(lines[i + 1]) \
+            else ""
+        found = f"line {match['line']} in {match['name']}" + (f": `{source}`" if source else "")
+        if newest_first:
+            return found
+    return found
+
+
+_LIBRARIES = tuple(os.path.abspath(p) for p in {
+    os.path.dirname(labkit.__file__), sysconfig.get_paths()["stdlib"],
+    sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+
+
+def _is_library(path: str) -> bool:
+    """Code the learner did not write: labkit, torch, the standard library, installed packages."""
+    path = os.path.abspath(path)
+    return (_TORCH_DIR in path or "site-packages" in path or "dist-packages" in path
+            or path.startswith(_LIBRARIES) or path.startswith("<frozen"))
+
+
+_WAITING_OPS = {"send", "recv", "isend", "irecv", "all_reduce", "broadcast", "reduce",
+                "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
+                "reduce_scatter_tensor", "reduce_scatter_single", "barrier", "all_to_all",
+                "gather", "scatter", "batch_isend_irecv"}
+
+
+def where_waiting(rank: int, stack: str) -> Wait:
+    """Read a rank's stack (newest frame first, from faulthandler) into what it waited in."""
+    op = None
+    for line in stack.splitlines():
+        match = _STACK_FRAME.match(line)
+        if match and _TORCH_DIR in match["file"] and match["name"] in _WAITING_OPS:
+            op = match["name"]
+            break
+    where = _learner_line(stack, _STACK_FRAME, newest_first=True)
+    if op is None and where and ".wait()" in where:
+        op = "wait"
+    return Wait(rank, op, where)
+
+
+def describe_hang(waits: list, nprocs: int, timeout: float) -> str:
+    """One sentence on a deadlock, from where each unfinished rank waited."""
+    if not waits:   # no stacks (a platform without SIGUSR1)
+        return (f"the ranks were still running after {timeout:g} s: a deadlock (a send or "
+                "collective that no other rank matches), or very slow code")
+    stuck = {w.rank for w in waits}
+    done = [r for r in range(nprocs) if r not in stuck]
+    ops = {w.op for w in waits}
+    example = next((w.where for w in waits if w.where), None)
+    at = f" (at {example})" if example else ""
+    if not done and ops <= {"recv", "irecv", "wait"} and "wait" not in ops:
+        head = f"deadlock on {nprocs} ranks: every rank is waiting to receive{at}, so nobody sends"
+    elif not done and ops == {"wait"}:
+        head = (f"deadlock on {nprocs} ranks: every rank is waiting for a request to finish{at}; "
+                "no send on one rank met a matching receive on another")
+    elif not done and ops == {"send"}:
+        head = (f"deadlock on {nprocs} ranks: every rank is waiting to send{at}; dist.send only "
+                "returns once the receiver has posted its recv, so if every rank sends first, "
+                "nobody receives")
+    else:
+        places = "; ".join(f"rank {w.rank} in {w.op or 'your code'}"
+                           + (f" ({w.where})" if w.where else "") for w in waits)
+        head = f"the ranks were still waiting for each other after {timeout:g} s: {places}"
+        if done:
+            head += (f"; rank(s) {', '.join(map(str, done))} had already returned: every rank "
+                     "must make the same calls in the same order (each collective on every "
+                     "rank, each send matched by a recv)")
+    return head

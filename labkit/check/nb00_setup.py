@@ -1,0 +1,76 @@
+"""Notebook 00: ``sum_of_ranks() -> float``, the first collective.
+
+Every rank holds its rank r; after a SUM all-reduce every rank holds 0 + 1 + ... + (N-1),
+which is N(N-1)/2: the reference is that formula, exact for these small integers.
+"""
+import numbers
+
+import torch
+
+from labkit.check._core import Failed, Ranks, call_learner, exercise
+
+WORLD_SIZES = (2, 3, 4)
+
+
+def _run(fn):
+    """In each rank: the learner's value as a float, or a description of what came back."""
+    value = call_learner(fn, case="no arguments")
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1:
+            return float(value.item())
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return "None" if value is None else f"a {type(value).__name__} ({value!r:.40})"
+
+
+def _diagnose(values: list, n: int):
+    """A hint naming the likely bug, or None when every rank returned N(N-1)/2."""
+    want = n * (n - 1) / 2
+    if values == [want] * n:
+        return None
+    odd = next((v for v in values if isinstance(v, str)), None)
+    if odd == "None":
+        return ("sum_of_ranks returned None: return the sum as a number, "
+                "e.g. `return t.item()` after the all_reduce")
+    if odd:
+        return f"sum_of_ranks returned {odd}: return one number (a float, or t.item())"
+    if values == [float(r) for r in range(n)]:
+        return (f"on {n} ranks each rank returned its own rank {values}: the all_reduce is "
+                "missing. Put the rank in a tensor, dist.all_reduce(t) it, return t.item()")
+    if values == [float(n - 1)] * n:
+        return (f"on {n} ranks every rank returned {n - 1}, the largest rank: that is op=MAX. "
+                "Sum with op=dist.ReduceOp.SUM (the default)")
+    if values == [0.0] * n:
+        return (f"on {n} ranks every rank returned 0: the smallest rank (op=MIN?), or a tensor "
+                f"that never held the rank; expected {want:g}")
+    if values == [n * (n + 1) / 2] * n:
+        return (f"on {n} ranks every rank returned {n * (n + 1) // 2} = 1 + ... + {n}: ranks are "
+                f"numbered 0 to {n - 1}, so contribute dist.get_rank(), not rank + 1")
+    if values == [float(n)] * n:
+        return (f"on {n} ranks every rank returned {n}, the number of ranks: each rank must "
+                "contribute its rank, not 1")
+    if values[0] == want:
+        return (f"on {n} ranks only rank 0 has the sum {want:g} (the others returned "
+                f"{values[1:]}): that is dist.reduce, which delivers the sum to one rank; use "
+                "dist.all_reduce so that every rank gets it")
+    return f"on {n} ranks the ranks returned {values}, expected {want:g} on every rank"
+
+
+@exercise("sum_of_ranks")
+def sum_of_ranks(fn, *, timeout: float = 10.0):
+    """Run ``fn()`` on 2, 3 and 4 ranks; every rank must return N(N-1)/2.
+
+    A one-element tensor counts as its number. ``timeout``: seconds per launch.
+    """
+    ranks = Ranks("sum_of_ranks", timeout=timeout)
+    got = {}
+    for n in WORLD_SIZES:
+        values = ranks.run(_run, n, fn)
+        hint = _diagnose(values, n)
+        if hint:
+            raise Failed(hint, figures={f"{k} ranks": v for k, v in got.items()})
+        got[n] = values[0]
+    figures = {f"{n} ranks": v for n, v in got.items()}
+    shown = ", ".join(f"{v:g} on {n} ranks" for n, v in got.items())
+    return f"every rank returned N(N-1)/2: {shown}", figures
