@@ -91,11 +91,12 @@ class MemoryCalculator:
                               f"({', '.join(f'{k} {v / 1e9:.3g}' for k, v in predicted.items())})")
         with self.output:
             self.output.clear_output(wait=True)
-            _, ax = plt.subplots(figsize=(6, 3.5))
+            figure, ax = plt.subplots(figsize=(6, 3.5))
             memory_bars(self.measured or [], predicted=predicted, unit=unit, ax=ax,
                         title="model states per rank" + (": measured and formula"
                                                          if self.measured else ""))
             plt.show()
+            plt.close(figure)  # one figure per refresh: never let them pile up
 
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)
