@@ -34,8 +34,18 @@ $(VENV)/lab.stamp: pyproject.toml | torch
 	$(PIP) install -c $(TORCH_LOCK) -e '.[lab]'
 	@touch $@
 
+# The test extra brings nbgrader, which switches its Lab and server extensions on for everyone
+# using this environment. Learners do not need them; instructors use their own environment
+# (docs/instructors.md).
+NBGRADER_SERVER_EXTENSIONS := $(addprefix nbgrader.server_extensions.,formgrader \
+  validate_assignment assignment_list course_list)
+
 $(VENV)/test.stamp: pyproject.toml | torch
 	$(PIP) install -c $(TORCH_LOCK) -e '.[lab,test]'
+	@if [ -x $(VENV)/bin/nbgrader ]; then \
+	  $(VENV)/bin/jupyter labextension disable --level=sys_prefix @jupyter/nbgrader >/dev/null 2>&1; \
+	  $(VENV)/bin/jupyter server extension disable --sys-prefix $(NBGRADER_SERVER_EXTENSIONS) \
+	    >/dev/null 2>&1; echo "nbgrader's Jupyter extensions are disabled in $(VENV)"; fi; true
 	@touch $@ $(VENV)/lab.stamp
 
 install-lab: $(VENV)/lab.stamp
@@ -44,10 +54,18 @@ install-test: $(VENV)/test.stamp
 lab: install-lab
 	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
-# pytest exits 5 when it collects no tests; that is not a failure of the suite.
+# Two pytest runs: tests/ one test at a time (the launcher tests are timing-sensitive), then the
+# solution notebooks in notebooks/source under nbval, two notebooks at a time (--dist loadfile
+# keeps each notebook's cells on one worker). PYTEST_ARGS goes to both. pytest exits 5 when it
+# collects no tests; that is not a failure of the suite.
+NBVAL_ARGS := --nbval-lax --nbval-current-env --nbval-cell-timeout=120 -n 2 --dist loadfile
+
 test: install-test
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
-	  if [ $$rc -eq 5 ]; then echo "make test: no tests collected"; rc=0; fi; exit $$rc
+	  if [ $$rc -eq 5 ]; then echo "make test: no tests collected"; rc=0; fi; \
+	  $(PY) -m pytest $(NBVAL_ARGS) $(PYTEST_ARGS) notebooks/source; nb=$$?; \
+	  if [ $$nb -eq 5 ]; then echo "make test: no notebooks collected"; nb=0; fi; \
+	  if [ $$rc -ne 0 ]; then exit $$rc; fi; exit $$nb
 
 bench: install-test
 	$(PY) bench/launch_speed.py

@@ -31,3 +31,17 @@ def no_leftovers():
     yield
     left = leftover_processes()
     assert not left, f"processes left behind: {[(p.pid, p.cmdline()) for p in left]}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How long each notebook took to run, from tests that call
+    ``record_property("notebook_run_s", seconds)``."""
+    rows = sorted({(report.nodeid, value)
+                   for reports in terminalreporter.stats.values() for report in reports
+                   if getattr(report, "when", None) == "call"
+                   for name, value in getattr(report, "user_properties", ())
+                   if name == "notebook_run_s"})
+    if rows:
+        terminalreporter.section("notebook run times")
+        for nodeid, seconds in rows:
+            terminalreporter.write_line(f"{seconds:7.1f} s  {nodeid}")
