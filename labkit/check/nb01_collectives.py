@@ -33,6 +33,17 @@ def _uneven(cases, n):
     return None
 
 
+def _fail_if_only_uneven_sizes_are_wrong(cases, n, advice) -> None:
+    """Name the bug class "right when N divides the size, wrong otherwise"; ``advice(size)`` says
+    what to fix in this exercise."""
+    uneven = _uneven(cases, n)
+    if uneven:
+        size = uneven["size"]
+        raise Failed(f"correct when {n} divides the size, wrong otherwise: with {size} elements "
+                     f"on {n} ranks, elements {spans(_bad_elements(uneven))} are wrong. "
+                     + advice(size))
+
+
 def _bad_elements(case):
     return ~close(case["outputs"], case["expected"]).all(dim=0)
 
@@ -76,14 +87,10 @@ def _check_ring(cases, n):
         raise Failed(f"ring_all_reduce called {', '.join('dist.' + op for op in banned)}: build "
                      "it from send/recv only (dist.send/dist.recv or dist.isend/dist.irecv); "
                      "the point is to see what an all-reduce does inside")
-    uneven = _uneven(cases, n)
-    if uneven:
-        size = uneven["size"]
-        raise Failed(f"correct when {n} divides the size, wrong otherwise: with {size} elements "
-                     f"on {n} ranks, elements {spans(_bad_elements(uneven))} are wrong. Check the "
-                     f"chunk boundaries: the {n} chunks must cover all {size} elements, their "
-                     f"sizes differing by at most one; torch.tensor_split(tensor, {n}) gives "
-                     f"{tensor_split_spans(size, n)}")
+    _fail_if_only_uneven_sizes_are_wrong(cases, n, lambda size: (
+        f"Check the chunk boundaries: the {n} chunks must cover all {size} elements, their "
+        f"sizes differing by at most one; torch.tensor_split(tensor, {n}) gives "
+        f"{tensor_split_spans(size, n)}"))
     wrong = [c for c in cases if not correct(c)]
     if wrong:
         case = max(wrong, key=lambda c: c["size"])   # the largest: its pattern says the most
@@ -175,14 +182,9 @@ def _check_rs_ag(cases, n):
             if used[op] > 1:
                 raise Failed(f"called {name} {used[op]} times for one tensor: one {name} of the "
                              "whole padded tensor is enough")
-    uneven = _uneven(cases, n)
-    if uneven:
-        size = uneven["size"]
-        raise Failed(f"correct when {n} divides the size, wrong otherwise: with {size} elements "
-                     f"on {n} ranks, elements {spans(_bad_elements(uneven))} are wrong. Pad the "
-                     f"tensor with zeros to a multiple of N ({_padding(size, n)} here) before the "
-                     f"reduce-scatter, and copy back the first {_elements(size)} of the gathered "
-                     "buffer")
+    _fail_if_only_uneven_sizes_are_wrong(cases, n, lambda size: (
+        f"Pad the tensor with zeros to a multiple of N ({_padding(size, n)} here) before the "
+        f"reduce-scatter, and copy back the first {_elements(size)} of the gathered buffer"))
     wrong = [c for c in cases if not correct(c)]
     if wrong:
         case = max(wrong, key=lambda c: c["size"])
