@@ -11,16 +11,13 @@ the notebook does (see docs/architecture.md). The tools that need torch load on 
 import importlib
 import os
 
-from labkit import _ranks
-from labkit._ranks import shutdown
-from labkit.errors import LaunchError, LaunchTimeout
-from labkit.launch import launch
+from labkit.launcher import LaunchError, LaunchTimeout, launch, prestart, shutdown, warm_up
 
 if os.environ.get("LABKIT_PRESTART", "1") != "0":
-    _ranks.prestart()  # the first launch then finds torch already imported in the fork server
+    prestart()  # the first launch then finds torch already imported in the fork server
 
 _LAZY = {"MemoryTracer": "labkit.memory", "CommCounter": "labkit.comm"}
-_SUBMODULES = ("theory", "simulate", "plots", "widgets", "memory", "comm", "collectives",
+_SUBMODULES = ("theory", "simulate", "plots", "widgets", "memory", "comm", "compat",
                "doctor", "check")
 
 
@@ -33,6 +30,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'labkit' has no attribute {name!r}")
 
 
-__all__ = ["launch", "shutdown", "LaunchError", "LaunchTimeout", "MemoryTracer", "CommCounter",
-           "theory", "simulate", "plots", "widgets", "check"]
+__all__ = ["launch", "shutdown", "warm_up", "LaunchError", "LaunchTimeout", "MemoryTracer",
+           "CommCounter", "theory", "simulate", "plots", "widgets", "check", "compat"]
 __version__ = "0.1.0"

@@ -30,7 +30,8 @@ def facts(nprocs: int) -> list[tuple[str, str]]:
     import torch
     import torch.distributed as dist
 
-    from labkit.launch import resolve_backend, threads_per_rank
+    from labkit.launcher._launch import resolve_backend
+    from labkit.launcher._platform import threads_per_rank
     available = {name: getattr(dist, f"is_{name}_available", lambda: False)()
                  for name in ("gloo", "nccl", "mpi")}
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -8,8 +8,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def fork_server_pid():
-    from labkit import _ranks
-    server = _ranks._server
+    from labkit.launcher import _server
+    server = _server._server
     return server.process.pid if server is not None and server.is_alive() else None
 
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from labkit import check
 from labkit.check import _core
-from labkit.collectives import all_gather_into_tensor, reduce_scatter_tensor
+from labkit.compat import all_gather_into_tensor, reduce_scatter_tensor
 
 # Ship this file's functions to the ranks by value, as a notebook's are, rather than have every
 # rank import this test module.

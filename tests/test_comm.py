@@ -1,4 +1,4 @@
-"""labkit.comm (the communication ledger) and labkit.collectives (torch-version shims).
+"""labkit.comm (the communication ledger) and labkit.compat (torch-version shims).
 
 Exact byte counts throughout: payload is a sum of tensor sizes and wire a formula of it, so
 nothing here needs a tolerance. Times are only checked to be known (not None), never compared.
@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import labkit
-from labkit import collectives, comm, theory
+from labkit import comm, compat, theory
 from labkit.comm import CommCall, CommCounter
 
 PSI = 1024 * 512 + 512 + 512 * 1024 + 1024       # parameters of mlp(): 1,050,112
@@ -159,11 +159,11 @@ def primitives():
     out["all_gather_list"] = counted(
         lambda: dist.all_gather([torch.empty(ELEMS) for _ in range(n)], x))
     out["all_gather_tensor"] = counted(
-        lambda: collectives.all_gather_into_tensor(torch.empty(n * ELEMS), x))
+        lambda: compat.all_gather_into_tensor(torch.empty(n * ELEMS), x))
     out["reduce_scatter_list"] = counted(
         lambda: dist.reduce_scatter(torch.empty(ELEMS), [x.clone() for _ in range(n)]))
     out["reduce_scatter_tensor"] = counted(
-        lambda: collectives.reduce_scatter_tensor(torch.empty(ELEMS), x.repeat(n)))
+        lambda: compat.reduce_scatter_tensor(torch.empty(ELEMS), x.repeat(n)))
     out["all_to_all"] = counted(lambda: dist.all_to_all_single(torch.empty(ELEMS), x))
     out["barrier"] = counted(dist.barrier)
     out["functional_all_reduce"] = counted(
@@ -332,7 +332,7 @@ def test_summary_of_an_unused_counter_is_empty_and_picklable():
     assert pickle.loads(pickle.dumps(ledger.summary())) == {}
 
 
-# --- labkit.collectives ------------------------------------------------------------------------
+# --- labkit.compat ----------------------------------------------------------------------------
 
 def shims(legacy):
     if legacy:    # emulate torch < 2.13, which has only the old names
@@ -343,10 +343,10 @@ def shims(legacy):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         gathered = torch.empty(n * 2)
-        collectives.all_gather_into_tensor(gathered, torch.tensor([rank, 10.0 * rank]))
+        compat.all_gather_into_tensor(gathered, torch.tensor([rank, 10.0 * rank]))
         shard = torch.empty(2)
-        collectives.reduce_scatter_tensor(shard, torch.arange(2.0 * n) + rank)
-        work = collectives.reduce_scatter_tensor(torch.empty(2), torch.ones(2 * n),
+        compat.reduce_scatter_tensor(shard, torch.arange(2.0 * n) + rank)
+        work = compat.reduce_scatter_tensor(torch.empty(2), torch.ones(2 * n),
                                                  op=dist.ReduceOp.MAX, async_op=True)
         work.wait()
     return gathered.tolist(), shard.tolist(), [w.category.__name__ for w in caught]
@@ -373,7 +373,7 @@ def test_compat_collectives_fall_back_to_the_old_names():
 def test_compat_picks_the_new_name_when_torch_has_it():
     new = getattr(dist, "all_gather_single", None)
     expected = new if new is not None else dist.all_gather_into_tensor
-    assert collectives._newest("all_gather_single", "all_gather_into_tensor") is expected
+    assert compat._newest("all_gather_single", "all_gather_into_tensor") is expected
 
 
 def ddp_step_on_gpu():

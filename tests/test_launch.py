@@ -252,7 +252,7 @@ def test_the_banner_says_ranks_backend_and_threads(capsys):
 
 
 def test_torch_without_a_loopback_socket_store_falls_back_to_a_private_file_store(monkeypatch):
-    from labkit import _rendezvous
+    from labkit.launcher import _rendezvous
     monkeypatch.setattr(_rendezvous, "_tcp_store_takes_a_socket", lambda: False)
     env = labkit.launch(describe_rank, 2, quiet=True)[0]["env"]
     assert env["MASTER_PORT"] == "0"  # no port was opened at all

@@ -97,7 +97,7 @@ def test_ranks_exit_on_their_own_when_the_kernel_dies(kernel):
     pids = _rank_pids(client, 2)
     kernel_process = psutil.Process(manager.provisioner.process.pid)
     server = [p.pid for p in kernel_process.children()
-              if "labkit._forkserver" in " ".join(p.cmdline())]
+              if "labkit.launcher._forkserver" in " ".join(p.cmdline())]
     kernel_process.kill()  # SIGKILL: no atexit, no cleanup of any kind in the kernel
     assert server, "the kernel should have a fork server"
     assert _all_gone(pids + server, 10), "ranks or the fork server outlived the kernel"

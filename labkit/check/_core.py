@@ -256,8 +256,8 @@ def _wait_for_fork_server() -> None:
     if _warm:
         return
     try:
-        from labkit import _ranks
-        _ranks.warm_up()
+        from labkit.launcher import warm_up
+        warm_up()
         _warm = True
     except Exception:  # noqa: BLE001 - the check's own launch will say what is wrong
         pass

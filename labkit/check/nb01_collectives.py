@@ -167,7 +167,7 @@ def _check_rs_ag(cases, n):
         used = ops_used(case)
         if "all_reduce" in used:
             raise Failed("all_reduce_via_rs_ag called dist.all_reduce: build it from one "
-                         "reduce-scatter and one all-gather (labkit.collectives."
+                         "reduce-scatter and one all-gather (labkit.compat."
                          "reduce_scatter_tensor and all_gather_into_tensor)")
         others = sorted(set(used) & (_DATA_OPS | {"send", "recv"}) - {"reduce_scatter",
                                                                        "all_gather"})

@@ -29,7 +29,7 @@ def _preload() -> None:
     import torch.distributed  # noqa: F401
     import torch.nn  # noqa: F401
 
-    import labkit._worker  # noqa: F401
+    import labkit.launcher._worker  # noqa: F401
 
 
 def _preload_extras() -> None:
@@ -55,7 +55,7 @@ def _become_rank(control: socket.socket, fds: list[int]) -> None:
     for fd in fds:
         if fd > 3:
             os.close(fd)
-    from labkit import _worker
+    from labkit.launcher import _worker
     try:
         _worker.main(stdin_fd=0, result_fd=3)
     finally:

@@ -1,4 +1,4 @@
-"""One name per collective for every torch the course supports (2.4 to current).
+"""Compatibility shim: one name per collective for every torch the course supports (2.4 to current).
 
 torch 2.13 renamed the tensor forms of all-gather and reduce-scatter:
 ``all_gather_into_tensor`` -> ``all_gather_single`` and ``reduce_scatter_tensor`` ->
@@ -6,7 +6,7 @@ torch 2.13 renamed the tensor forms of all-gather and reduce-scatter:
 torch has only the old names. Course code calls the functions below, which pick whichever
 exists, so it runs silently on both. Same arguments and return value as torch's own.
 
-    from labkit.collectives import all_gather_into_tensor, reduce_scatter_tensor
+    from labkit.compat import all_gather_into_tensor, reduce_scatter_tensor
     all_gather_into_tensor(full, shard)      # full = torch.cat of every rank's shard
     reduce_scatter_tensor(shard, full)       # shard = this rank's slice of the sum of fulls
 """

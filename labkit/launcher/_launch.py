@@ -12,18 +12,19 @@ How it works (details in docs/launcher.md):
 import linecache
 import os
 import select
-import selectors
-import signal
 import sys
 import time
 
 import cloudpickle
 
-from labkit import _pickling
-from labkit._ranks import START_METHODS, start_rank, stop_and_reap
-from labkit._rendezvous import LoopbackStore
-from labkit._wire import _HEADER
-from labkit.errors import LaunchError, LaunchTimeout, failure_message, readable_stack
+from labkit.launcher import _pickling
+from labkit.launcher._framing import frame
+from labkit.launcher._ranks import START_METHODS, start_rank, stop_and_reap
+from labkit.launcher._platform import (loopback_interface, threads_per_rank,
+                                       with_labkit_importable)
+from labkit.launcher._rendezvous import LoopbackStore
+from labkit.launcher._watch import Watch, collect_stacks
+from labkit.launcher.errors import LaunchError, LaunchTimeout, failure_message
 
 BACKENDS = ("auto", "gloo", "nccl")
 
@@ -31,11 +32,6 @@ TIMEOUT_HINT = ("Every rank must call the same collectives in the same order. Ra
                 "different places (above) usually mean that one rank skipped, added or reordered a "
                 "collective. Run again with debug=True to have torch compare collectives across "
                 "ranks and fail at once, naming the mismatch.")
-
-
-def threads_per_rank(nprocs: int) -> int:
-    """Share the cores: oversubscribing them made DDP steps 3-9x slower on a 2-core machine."""
-    return max(1, (os.cpu_count() or 1) // nprocs)
 
 
 def resolve_backend(backend: str, nprocs: int) -> str:
@@ -96,12 +92,11 @@ def _common_environment(threads: int, debug: bool) -> dict:
     """What every rank gets: the notebook's environment, threads, loopback-only networking."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
                LABKIT_PRESTART="0")  # a rank importing labkit must not start a fork server
-    loopback = _loopback_interface()
+    loopback = loopback_interface()
     if loopback:
         env.setdefault("GLOO_SOCKET_IFNAME", loopback)
         env.setdefault("NCCL_SOCKET_IFNAME", loopback)
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    with_labkit_importable(env)
     if debug:
         env["TORCH_DISTRIBUTED_DEBUG"] = "DETAIL"
     else:
@@ -117,102 +112,6 @@ def _torchrun_variables(rank: int, nprocs: int, store_env: dict) -> dict:
                 TORCHELASTIC_RUN_ID=f"labkit-{os.getpid()}-{store_env['MASTER_PORT']}")
 
 
-def _loopback_interface() -> str | None:
-    """'lo' on Linux, 'lo0' on macOS: where gloo should listen so nothing is reachable from outside."""
-    import socket
-    try:
-        names = [name for _, name in socket.if_nameindex()]
-    except (OSError, AttributeError):
-        return None
-    return next((n for n in ("lo", "lo0") if n in names), None)
-
-
-class _Watch:
-    """Reads every rank's stdout, stderr and result pipe in one loop on the calling thread."""
-
-    def __init__(self, ranks):
-        self.ranks = {r.rank: r for r in ranks}
-        self.selector = selectors.DefaultSelector()
-        self.partial = {}
-        self.result_bytes = {r.rank: bytearray() for r in ranks}
-        self.outcomes = {}  # rank -> outcome dict, filled as results arrive
-        self.capturing_stacks = False
-        self.stacks = {r.rank: [] for r in ranks}
-        self.tails = {r.rank: [] for r in ranks}  # last stderr lines, for ranks that die silently
-        for r in ranks:
-            for fd, stream in ((r.stdout_r, "out"), (r.stderr_r, "err"), (r.result_r, "result")):
-                os.set_blocking(fd, False)
-                self.selector.register(fd, selectors.EVENT_READ, (r.rank, stream))
-                self.partial[(r.rank, stream)] = b""
-
-    _PIPES = {"out": "stdout_r", "err": "stderr_r", "result": "result_r"}
-
-    @property
-    def open_pipes(self) -> int:
-        return len(self.selector.get_map())
-
-    def pump(self, wait_s: float) -> None:
-        for key, _ in self.selector.select(timeout=wait_s):
-            rank, stream = key.data
-            try:
-                data = os.read(key.fd, 1 << 16)
-            except BlockingIOError:
-                continue
-            except OSError:
-                data = b""
-            if stream == "result":
-                self._on_result(rank, data)
-            else:
-                self._on_output(rank, stream, data)
-            if not data:
-                self.selector.unregister(key.fd)
-                self.ranks[rank].close_pipe(self._PIPES[stream])
-
-    def _on_output(self, rank: int, stream: str, data: bytes) -> None:
-        buffered = self.partial[(rank, stream)] + data
-        *lines, rest = buffered.split(b"\n")
-        if not data and rest:  # end of stream: flush a last line without a newline
-            lines, rest = lines + [rest], b""
-        self.partial[(rank, stream)] = rest
-        for raw in lines:
-            line = raw.decode("utf-8", errors="replace").rstrip("\r")
-            if stream == "err":
-                self.tails[rank] = (self.tails[rank] + [line])[-20:]
-                if self.capturing_stacks:
-                    self.stacks[rank].append(line)
-                    continue
-            print(f"[rank {rank}] {line}", file=sys.stderr if stream == "err" else sys.stdout,
-                  flush=True)
-
-    def _on_result(self, rank: int, data: bytes) -> None:
-        if rank in self.outcomes:
-            return
-        buffer = self.result_bytes[rank]
-        buffer.extend(data)
-        if len(buffer) >= _HEADER.size:
-            (size,) = _HEADER.unpack_from(buffer)
-            if len(buffer) >= _HEADER.size + size:
-                self.outcomes[rank] = cloudpickle.loads(bytes(buffer[_HEADER.size:_HEADER.size + size]))
-                return
-        if not data:  # the pipe closed before a whole result arrived: the rank died
-            self.outcomes[rank] = self._died(rank)
-
-    def _died(self, rank: int) -> dict:
-        process = self.ranks[rank]
-        code = process.popen.poll() if process.popen is not None else None
-        how = (f"killed by signal {signal.Signals(-code).name}" if code is not None and code < 0
-               else f"exit code {code}" if code is not None else "killed, crashed in native code, "
-               "or ended by os._exit()")
-        tail = "\n".join(self.tails[rank][-10:])
-        return {"status": "died", "rank": rank, "time": time.time(), "type": "RankDied",
-                "message": f"rank {rank} ended without returning or raising ({how}); "
-                           "a rank killed for using too much memory looks like this too.",
-                "traceback": f"Last lines rank {rank} wrote to stderr:\n{tail}" if tail else ""}
-
-    def failures(self) -> dict:
-        return {r: o for r, o in self.outcomes.items() if o["status"] != "ok"}
-
-
 def _describe(outcome: dict) -> dict:
     """Turn a rank's unusual outcome into an entry for LaunchError."""
     if outcome["status"] == "unpicklable":
@@ -223,7 +122,7 @@ def _describe(outcome: dict) -> dict:
     return outcome
 
 
-def _finish_failed_launch(watch: _Watch, nprocs: int):
+def _finish_failed_launch(watch: Watch, nprocs: int):
     failures = {r: _describe(o) for r, o in watch.failures().items()}
     for rank in watch.ranks:
         if rank not in watch.outcomes:
@@ -235,29 +134,13 @@ def _finish_failed_launch(watch: _Watch, nprocs: int):
     raise LaunchError(message, rank=cause, failures=failures)
 
 
-def _collect_stacks(watch: _Watch, unfinished: list, wait_s: float = 1.0) -> dict:
-    """Ask each unfinished rank where it is (faulthandler on SIGUSR1) and gather the answers."""
-    if not hasattr(signal, "SIGUSR1"):
-        return {}
-    watch.capturing_stacks = True
-    for rank in unfinished:
-        try:
-            os.kill(watch.ranks[rank].pid, signal.SIGUSR1)
-        except ProcessLookupError:
-            pass
-    end = time.monotonic() + wait_s
-    while time.monotonic() < end and watch.open_pipes:
-        watch.pump(0.05)
-    return {r: readable_stack("\n".join(watch.stacks[r])) for r in unfinished}
-
-
 def _rank_list(ranks) -> str:
     return ", ".join(map(str, ranks))
 
 
-def _raise_timeout(watch: _Watch, nprocs: int, timeout: float) -> None:
+def _raise_timeout(watch: Watch, nprocs: int, timeout: float) -> None:
     unfinished = [r for r in sorted(watch.ranks) if r not in watch.outcomes]
-    stacks = _collect_stacks(watch, unfinished)
+    stacks = collect_stacks(watch, unfinished)
     finished = [r for r in sorted(watch.ranks) if r in watch.outcomes]
     lines = [f"TIMEOUT: rank(s) {_rank_list(unfinished)} of {nprocs} were still running after "
              f"{timeout:g} s" + (f"; rank(s) {_rank_list(finished)} had returned from the function and "
@@ -271,7 +154,7 @@ def _raise_timeout(watch: _Watch, nprocs: int, timeout: float) -> None:
                         failures=watch.failures(), stacks=stacks)
 
 
-def _watch_until_done(watch: _Watch, nprocs: int, deadline: float, timeout: float, grace: float):
+def _watch_until_done(watch: Watch, nprocs: int, deadline: float, timeout: float, grace: float):
     first_failure = None
     while len(watch.outcomes) < nprocs:
         now = time.monotonic()
@@ -293,7 +176,7 @@ def _watch_until_done(watch: _Watch, nprocs: int, deadline: float, timeout: floa
         watch.pump(0.05)
 
 
-def _results(watch: _Watch, nprocs: int) -> list:
+def _results(watch: Watch, nprocs: int) -> list:
     values = []
     for rank in range(nprocs):
         try:
@@ -338,7 +221,7 @@ def launch(fn, nprocs: int = 2, args=(), kwargs=None, backend: str = "auto", tim
            "linecache": _notebook_cells(), "sys_path": list(sys.path), "cwd": os.getcwd()}
     common_env = _common_environment(threads, debug)
     if start_method == "torchrun":
-        from labkit._torchrun import launch_with_torchrun
+        from labkit.launcher._torchrun import launch_with_torchrun
         return launch_with_torchrun(job, nprocs, timeout, common_env)
     ranks, watch = [], None
     deadline = time.monotonic() + timeout
@@ -348,7 +231,7 @@ def launch(fn, nprocs: int = 2, args=(), kwargs=None, backend: str = "auto", tim
                 env = dict(common_env, **_torchrun_variables(rank, nprocs, store.env))
                 ranks.append(start_rank(rank, start_method, env))
                 _send_job(ranks[-1], cloudpickle.dumps(dict(job, env=env)), deadline)
-            watch = _Watch(ranks)
+            watch = Watch(ranks)
             _watch_until_done(watch, nprocs, deadline, timeout, grace)
             return _results(watch, nprocs)
         finally:
@@ -361,7 +244,7 @@ def launch(fn, nprocs: int = 2, args=(), kwargs=None, backend: str = "auto", tim
 
 def _send_job(rank, job: bytes, deadline: float) -> None:
     """Write the job on the rank's stdin without ever blocking past the launch's deadline."""
-    data = memoryview(_HEADER.pack(len(job)) + job)
+    data = memoryview(frame(job))
     os.set_blocking(rank.stdin_w, False)
     while data:
         remaining = deadline - time.monotonic()

@@ -16,7 +16,7 @@ from datetime import timedelta
 
 import cloudpickle
 
-from labkit._wire import read_message, write_message
+from labkit.launcher._framing import read_message, write_message
 
 RESULT_FD = 3  # the launcher places the result pipe on this descriptor
 

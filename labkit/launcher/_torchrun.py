@@ -15,7 +15,7 @@ import time
 
 import cloudpickle
 
-from labkit.errors import LaunchError, LaunchTimeout, failure_message
+from labkit.launcher.errors import LaunchError, LaunchTimeout, failure_message
 
 
 def _stream(pipe) -> None:
@@ -30,7 +30,7 @@ def launch_with_torchrun(job: dict, nprocs: int, timeout: float, env: dict) -> l
         with open(os.path.join(folder, "job.pkl"), "wb") as f:
             f.write(cloudpickle.dumps(job))
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc-per-node={nprocs}", "-m", "labkit._worker", folder]
+                   f"--nproc-per-node={nprocs}", "-m", "labkit.launcher._worker", folder]
         agent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         reader = threading.Thread(target=_stream, args=(agent.stdout,), daemon=True)

@@ -108,7 +108,7 @@ def readable_stack(dump: str) -> str:
             continue  # labkit's lifeline thread, not the learner's
         for line in block:
             match = _FAULTHANDLER_FRAME.match(line)
-            if match and match["file"].endswith(("labkit/_worker.py", "labkit\\_worker.py")):
+            if match and match["file"].endswith(("labkit/launcher/_worker.py", "labkit\\launcher\\_worker.py")):
                 break  # below the learner's function: labkit's own frames
             shown.append(line)
             if match:

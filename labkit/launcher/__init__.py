@@ -1,0 +1,23 @@
+"""The launcher: run a function defined in a notebook on N ranks, and never hang.
+
+Public names (also on ``labkit``): ``launch``, ``shutdown``, ``warm_up``, ``LaunchError``,
+``LaunchTimeout``. How the pieces fit is in docs/launcher.md and docs/architecture.md:
+
+    _launch       launch(): checks the call, starts the ranks, watches them, returns or raises
+    _watch        the watch loop: rank-tagged output, results, stacks of stuck ranks
+    _ranks        starting (fork server or spawn), signalling and reaping rank processes
+    _server       the client of the warm fork server: prestart, fork_rank, warm_up, shutdown
+    _forkserver   the fork server process itself
+    _worker       what runs inside a rank
+    _rendezvous   the loopback-only store the ranks meet at
+    _framing      length-prefixed messages on the private pipes
+    _pickling     cloudpickle that keeps file names, for tracebacks with the notebook's lines
+    _platform     cores, threads per rank, loopback interface, default start method
+    _torchrun     start_method="torchrun"
+    errors        LaunchError, LaunchTimeout, the root cause, readable stacks
+"""
+from labkit.launcher._launch import launch
+from labkit.launcher._server import prestart, shutdown, warm_up
+from labkit.launcher.errors import LaunchError, LaunchTimeout
+
+__all__ = ["launch", "shutdown", "warm_up", "prestart", "LaunchError", "LaunchTimeout"]

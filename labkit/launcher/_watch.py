@@ -1,0 +1,113 @@
+"""The watch loop of a launch: every rank's stdout, stderr and result pipe, read on one thread.
+
+Output is printed as whole ``[rank r]`` lines in the cell that launched; results arrive as framed
+messages; a rank whose result pipe closes without a whole message died.
+"""
+import os
+import selectors
+import signal
+import sys
+import time
+
+import cloudpickle
+
+from labkit.launcher._framing import FrameReader
+from labkit.launcher.errors import readable_stack
+
+
+class Watch:
+    """Reads every rank's stdout, stderr and result pipe in one loop on the calling thread."""
+
+    def __init__(self, ranks):
+        self.ranks = {r.rank: r for r in ranks}
+        self.selector = selectors.DefaultSelector()
+        self.partial = {}
+        self.readers = {r.rank: FrameReader() for r in ranks}
+        self.outcomes = {}  # rank -> outcome dict, filled as results arrive
+        self.capturing_stacks = False
+        self.stacks = {r.rank: [] for r in ranks}
+        self.tails = {r.rank: [] for r in ranks}  # last stderr lines, for ranks that die silently
+        for r in ranks:
+            for fd, stream in ((r.stdout_r, "out"), (r.stderr_r, "err"), (r.result_r, "result")):
+                os.set_blocking(fd, False)
+                self.selector.register(fd, selectors.EVENT_READ, (r.rank, stream))
+                self.partial[(r.rank, stream)] = b""
+
+    _PIPES = {"out": "stdout_r", "err": "stderr_r", "result": "result_r"}
+
+    @property
+    def open_pipes(self) -> int:
+        return len(self.selector.get_map())
+
+    def pump(self, wait_s: float) -> None:
+        for key, _ in self.selector.select(timeout=wait_s):
+            rank, stream = key.data
+            try:
+                data = os.read(key.fd, 1 << 16)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if stream == "result":
+                self._on_result(rank, data)
+            else:
+                self._on_output(rank, stream, data)
+            if not data:
+                self.selector.unregister(key.fd)
+                self.ranks[rank].close_pipe(self._PIPES[stream])
+
+    def _on_output(self, rank: int, stream: str, data: bytes) -> None:
+        buffered = self.partial[(rank, stream)] + data
+        *lines, rest = buffered.split(b"\n")
+        if not data and rest:  # end of stream: flush a last line without a newline
+            lines, rest = lines + [rest], b""
+        self.partial[(rank, stream)] = rest
+        for raw in lines:
+            line = raw.decode("utf-8", errors="replace").rstrip("\r")
+            if stream == "err":
+                self.tails[rank] = (self.tails[rank] + [line])[-20:]
+                if self.capturing_stacks:
+                    self.stacks[rank].append(line)
+                    continue
+            print(f"[rank {rank}] {line}", file=sys.stderr if stream == "err" else sys.stdout,
+                  flush=True)
+
+    def _on_result(self, rank: int, data: bytes) -> None:
+        if rank in self.outcomes:
+            return
+        message = self.readers[rank].feed(data)
+        if message is not None:
+            self.outcomes[rank] = cloudpickle.loads(message)
+        elif not data:  # the pipe closed before a whole result arrived: the rank died
+            self.outcomes[rank] = self._died(rank)
+
+    def _died(self, rank: int) -> dict:
+        process = self.ranks[rank]
+        code = process.popen.poll() if process.popen is not None else None
+        how = (f"killed by signal {signal.Signals(-code).name}" if code is not None and code < 0
+               else f"exit code {code}" if code is not None else "killed, crashed in native code, "
+               "or ended by os._exit()")
+        tail = "\n".join(self.tails[rank][-10:])
+        return {"status": "died", "rank": rank, "time": time.time(), "type": "RankDied",
+                "message": f"rank {rank} ended without returning or raising ({how}); "
+                           "a rank killed for using too much memory looks like this too.",
+                "traceback": f"Last lines rank {rank} wrote to stderr:\n{tail}" if tail else ""}
+
+    def failures(self) -> dict:
+        return {r: o for r, o in self.outcomes.items() if o["status"] != "ok"}
+
+
+def collect_stacks(watch: Watch, unfinished: list, wait_s: float = 1.0) -> dict:
+    """Ask each unfinished rank where it is (faulthandler on SIGUSR1) and gather the answers."""
+    if not hasattr(signal, "SIGUSR1"):
+        return {}
+    watch.capturing_stacks = True
+    for rank in unfinished:
+        try:
+            os.kill(watch.ranks[rank].pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+    end = time.monotonic() + wait_s
+    while time.monotonic() < end and watch.open_pipes:
+        watch.pump(0.05)
+    return {r: readable_stack("\n".join(watch.stacks[r])) for r in unfinished}
