@@ -2,15 +2,18 @@
 
 Measures "launch call -> first all_reduce done" (the ranks stamp the time right after their first
 all_reduce; the launcher's clock and theirs are the same wall clock). Cold = the first launch in a
-fresh Python process that has just run `import labkit, torch` (labkit starts its fork server at
-import, so it imports torch in parallel with the notebook); "cold, no prestart" sets
-LABKIT_PRESTART=0 so the first launch also pays for the server's import of torch. Warm = later
-launches in the same process. torchrun = `labkit.launch(..., start_method="torchrun")`, which runs
-real `torchrun --standalone` on the same function.
+fresh Python process that has just run `import labkit, torch` as a notebook does (in a notebook
+labkit starts its fork server at import, so it imports torch in parallel with the notebook; the
+script sets LABKIT_PRESTART=1 to get the same); "cold, no prestart" sets LABKIT_PRESTART=0 so the
+first launch also pays for the server's import of torch. Burst = the second launch in that fresh
+process, right after the first, while the server is still importing its extras in the
+background. Warm = later launches in the same process. torchrun =
+`labkit.launch(..., start_method="torchrun")`, which runs real torchrun on this machine (the
+rendezvous `--standalone` picks, its store in a private file) on the same function.
 
 Run: make bench   (or .venv/bin/python bench/launch_speed.py [--repeats N])
-Targets from the Foundation issue (2-core machine): warm 4 ranks <= 0.2 s; cold <= 1.5 s and
-faster than torchrun.
+Targets (2-core machine): warm 4 ranks <= 0.2 s; burst 4 ranks <= 0.5 s; cold faster than torchrun
+(and <= 1.5 s).
 """
 import argparse
 import json
@@ -30,8 +33,11 @@ def first_all_reduce():
     return time.time()
 call = time.time()
 done = max(labkit.launch(first_all_reduce, nprocs=int(sys.argv[1]), quiet=True))
+second_call = time.time()
+second_done = max(labkit.launch(first_all_reduce, nprocs=int(sys.argv[1]), quiet=True))
 print(json.dumps({"import_s": imported - start, "call_to_all_reduce_s": done - call,
-                  "process_start_to_all_reduce_s": done - start}))
+                  "process_start_to_all_reduce_s": done - start,
+                  "burst_call_to_all_reduce_s": second_done - second_call}))
 """
 
 
@@ -71,6 +77,7 @@ def main() -> None:
         rows[(n, "cold")] = statistics.median(r["call_to_all_reduce_s"] for r in cold_runs)
         rows[(n, "cold, from process start")] = statistics.median(
             r["process_start_to_all_reduce_s"] for r in cold_runs)
+        rows[(n, "burst")] = statistics.median(r["burst_call_to_all_reduce_s"] for r in cold_runs)
         rows[(n, "cold, no prestart")] = statistics.median(
             cold(n, prestart=False)["call_to_all_reduce_s"] for _ in range(repeats))
         in_process(n, "forkserver")  # make sure the server is up before timing warm launches
@@ -78,15 +85,18 @@ def main() -> None:
         rows[(n, "spawn")] = statistics.median(in_process(n, "spawn") for _ in range(repeats))
         rows[(n, "torchrun")] = statistics.median(in_process(n, "torchrun") for _ in range(repeats))
     labkit.shutdown()
-    kinds = ["warm", "cold", "cold, no prestart", "cold, from process start", "spawn", "torchrun"]
+    kinds = ["warm", "burst", "cold", "cold, no prestart", "cold, from process start", "spawn",
+             "torchrun"]
     print(f"{'':<26}{'2 ranks':>10}{'4 ranks':>10}")
     for kind in kinds:
         print(f"{kind:<26}" + "".join(f"{rows[(n, kind)]:>10.3f}" for n in (2, 4)))
     print("\nratios (how many times faster than torchrun)")
-    for kind in ("warm", "cold", "cold, no prestart", "spawn"):
+    for kind in ("warm", "burst", "cold", "cold, no prestart", "spawn"):
         print(f"{kind:<26}" + "".join(f"{rows[(n, 'torchrun')] / rows[(n, kind)]:>10.1f}"
                                       for n in (2, 4)))
     checks = [("warm 4-rank launch <= 0.2 s", rows[(4, "warm")] <= 0.2),
+              ("burst 4-rank launch (the second, right after the first) <= 0.5 s",
+               rows[(4, "burst")] <= 0.5),
               ("cold launch <= 1.5 s (2 and 4 ranks)", max(rows[(2, "cold")], rows[(4, "cold")]) <= 1.5),
               ("cold launch <= 1.5 s without prestart (import torch alone takes longer here)",
                max(rows[(2, "cold, no prestart")], rows[(4, "cold, no prestart")]) <= 1.5),

@@ -9,12 +9,11 @@ Importing labkit does not import torch: the fork server then imports torch on an
 the notebook does (see docs/architecture.md). The tools that need torch load on first use.
 """
 import importlib
-import os
 
-from labkit.launcher import LaunchError, LaunchTimeout, launch, prestart, shutdown, warm_up
+from labkit.launcher import LaunchError, LaunchTimeout, launch, shutdown, warm_up
+from labkit.launcher._server import prestart_if_wanted
 
-if os.environ.get("LABKIT_PRESTART", "1") != "0":
-    prestart()  # the first launch then finds torch already imported in the fork server
+prestart_if_wanted()  # in a notebook: the fork server imports torch while the notebook does
 
 _LAZY = {"MemoryTracer": "labkit.memory", "CommCounter": "labkit.comm"}
 _SUBMODULES = ("theory", "simulate", "plots", "widgets", "memory", "comm", "compat",

@@ -73,8 +73,6 @@ def main(argv=None) -> int:
     if args.command == "doctor":
         from labkit import doctor as doctor_module
         return 0 if doctor_module.run(args.nprocs, args.timeout) else 1
-    import labkit
-    labkit.shutdown()  # no ranks here: stop the fork server that importing labkit started
     return _release(args) if args.command == "release" else _grade(args)
 
 

@@ -1,5 +1,4 @@
 """``labkit doctor``: is this machine ready for the course? Print the facts, then prove it with a launch."""
-import os
 import platform
 import sys
 import time
@@ -31,7 +30,7 @@ def facts(nprocs: int) -> list[tuple[str, str]]:
     import torch.distributed as dist
 
     from labkit.launcher._launch import resolve_backend
-    from labkit.launcher._platform import threads_per_rank
+    from labkit.launcher._platform import machine_cores, threads_per_rank, usable_cores
     available = {name: getattr(dist, f"is_{name}_available", lambda: False)()
                  for name in ("gloo", "nccl", "mpi")}
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -41,9 +40,10 @@ def facts(nprocs: int) -> list[tuple[str, str]]:
         ("torch", torch.__version__),
         ("backends", ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in available.items())),
         ("GPUs", f"{gpus} ({gpu_names})" if gpus else "none (CUDA not available)"),
-        ("cores", str(os.cpu_count())),
+        ("cores", f"{machine_cores()} on this machine, {usable_cores()} usable here (CPU affinity "
+                  "and the container's CPU quota)"),
         ("threads", f"{threads_per_rank(nprocs)} per rank for {nprocs} ranks "
-                    "(max(1, cores // ranks))"),
+                    "(max(1, usable cores // ranks))"),
         ("backend", f"{resolve_backend('auto', nprocs)} (what backend='auto' picks for "
                     f"{nprocs} ranks)"),
     ]

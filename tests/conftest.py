@@ -9,17 +9,26 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 def fork_server_pid():
     from labkit.launcher import _server
-    server = _server._server
-    return server.process.pid if server is not None and server.is_alive() else None
+    return _server.server_session()
+
+
+def _in_session(process, session) -> bool:
+    try:
+        return session is not None and os.getsid(process.pid) == session
+    except OSError:
+        return False
 
 
 def leftover_processes(wait_s: float = 3.0) -> list:
-    """Processes below this one other than the idle fork server, after letting exits settle."""
+    """Processes below this one other than the idle fork server (and the successor it forked to
+    import the extras: both stay in the server's session, ranks leave it), after letting exits
+    settle."""
     deadline = time.monotonic() + wait_s
     while True:
         server = fork_server_pid()
         left = [p for p in psutil.Process().children(recursive=True)
-                if p.pid != server and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+                if not _in_session(p, server) and p.is_running()
+                and p.status() != psutil.STATUS_ZOMBIE]
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.05)

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 import labkit
 from conftest import fork_server_pid, leftover_processes
+from labkit.launcher._platform import usable_cores
 
 
 def rank_sum(offset=0.0):
@@ -30,7 +31,7 @@ def describe_rank():
 def test_results_come_back_by_rank(nprocs, no_leftovers):
     results = labkit.launch(describe_rank, nprocs=nprocs, quiet=True)
     assert [r["rank"] for r in results] == list(range(nprocs))
-    threads = max(1, os.cpu_count() // nprocs)
+    threads = max(1, usable_cores() // nprocs)
     for rank, r in enumerate(results):
         assert r["world"] == nprocs and r["backend"] == "gloo"
         assert r["threads"] == threads and r["env"]["OMP_NUM_THREADS"] == str(threads)
@@ -247,7 +248,7 @@ def test_a_dead_fork_server_is_replaced_and_shutdown_stops_it(no_leftovers):
 def test_the_banner_says_ranks_backend_and_threads(capsys):
     labkit.launch(rank_sum, 2)
     out = capsys.readouterr().out
-    threads = max(1, os.cpu_count() // 2)
+    threads = max(1, usable_cores() // 2)
     assert f"2 rank(s), backend gloo, {threads} thread(s) per rank" in out
 
 

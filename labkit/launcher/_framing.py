@@ -6,7 +6,9 @@ the launcher created itself carry these bytes, so nothing a stranger on the netw
 is ever unpickled.
 """
 import os
+import socket
 import struct
+import time
 
 _HEADER = struct.Struct("!Q")
 HEADER_SIZE = _HEADER.size
@@ -18,10 +20,11 @@ def frame(data: bytes) -> bytes:
 
 
 def write_message(fd: int, data: bytes) -> None:
-    """Write one message on a blocking descriptor."""
-    view = memoryview(frame(data))
-    while view:
-        view = view[os.write(fd, view):]
+    """Write one message on a blocking descriptor (a large one without copying it first)."""
+    for part in (_HEADER.pack(len(data)), data):
+        view = memoryview(part)
+        while view:
+            view = view[os.write(fd, view):]
 
 
 def _read_exactly(fd: int, size: int) -> bytes | None:
@@ -44,17 +47,44 @@ def read_message(fd: int) -> bytes | None:
     return _read_exactly(fd, size)
 
 
+def recv_message(sock: socket.socket, deadline: float) -> bytes | None:
+    """Read one message from a socket before ``deadline`` (a ``time.monotonic()`` value).
+
+    None when the other end closed first; ``TimeoutError`` when the deadline passes.
+    """
+    def exactly(size: int) -> bytes | None:
+        data = b""
+        while len(data) < size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            sock.settimeout(remaining)
+            chunk = sock.recv(size - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
+    header = exactly(HEADER_SIZE)
+    if header is None:
+        return None
+    (size,) = _HEADER.unpack(header)
+    return exactly(size) if size else b""
+
+
 class FrameReader:
     """Rebuilds one message from the chunks a non-blocking read gives, in any sizes.
 
     ``size`` is known as soon as the header has arrived (None before), so a reader can say how
     far a large message has come, or refuse one that is too large before reading it all.
+    Bytes that arrived after the message (the start of the next one) are kept in ``leftover``.
     """
 
     def __init__(self):
         self._buffer = bytearray()
         self.size = None
         self.message = None
+        self.leftover = b""
 
     @property
     def received(self) -> int:
@@ -68,6 +98,8 @@ class FrameReader:
             if self.size is None and len(self._buffer) >= HEADER_SIZE:
                 (self.size,) = _HEADER.unpack_from(self._buffer)
             if self.size is not None and len(self._buffer) >= HEADER_SIZE + self.size:
-                self.message = bytes(self._buffer[HEADER_SIZE:HEADER_SIZE + self.size])
+                end = HEADER_SIZE + self.size
+                self.message = bytes(memoryview(self._buffer)[HEADER_SIZE:end])
+                self.leftover = bytes(memoryview(self._buffer)[end:])
                 self._buffer = bytearray()
         return self.message

@@ -20,13 +20,16 @@ import cloudpickle
 from labkit.launcher import _pickling
 from labkit.launcher._framing import frame
 from labkit.launcher._ranks import START_METHODS, start_rank, stop_and_reap
-from labkit.launcher._platform import (loopback_interface, threads_per_rank,
-                                       with_labkit_importable)
+from labkit.launcher._platform import (default_start_method, loopback_interface,
+                                       refuse_unsupported_platform, threads_per_rank,
+                                       usable_cores, with_labkit_importable)
 from labkit.launcher._rendezvous import LoopbackStore
+from labkit.launcher._results import DEFAULT_MAX_RESULT_BYTES
 from labkit.launcher._watch import Watch, collect_stacks
 from labkit.launcher.errors import LaunchError, LaunchTimeout, failure_message
 
 BACKENDS = ("auto", "gloo", "nccl")
+DRAIN_AFTER_FAILURE_S = 2.0  # the ranks are killed by then; this is for their last lines
 
 TIMEOUT_HINT = ("Every rank must call the same collectives in the same order. Ranks waiting in "
                 "different places (above) usually mean that one rank skipped, added or reordered a "
@@ -66,10 +69,17 @@ def _check_arguments(fn, nprocs, args, kwargs, timeout, start_method, grace) -> 
         raise ValueError(f"kwargs must be a dict, got {type(kwargs).__name__}.")
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}.")
-    if start_method not in START_METHODS:
+    if start_method is not None and start_method not in START_METHODS:
         raise ValueError(f"start_method={start_method!r}; use one of {', '.join(START_METHODS)}.")
     if not grace >= 0:
         raise ValueError(f"grace must be >= 0 seconds, got {grace!r}.")
+
+
+def _check_max_result_bytes(limit) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit >= 1:
+        raise ValueError(f"max_result_bytes must be a number of bytes >= 1, got {limit!r}; "
+                         "e.g. max_result_bytes=8 * 1024**3 for 8 GiB.")
+    return int(limit)
 
 
 def _notebook_cells() -> dict:
@@ -139,9 +149,9 @@ def _rank_list(ranks) -> str:
 
 
 def _raise_timeout(watch: Watch, nprocs: int, timeout: float) -> None:
-    unfinished = [r for r in sorted(watch.ranks) if r not in watch.outcomes]
+    unfinished = watch.running()  # ranks sending their result have their own time
     stacks = collect_stacks(watch, unfinished)
-    finished = [r for r in sorted(watch.ranks) if r in watch.outcomes]
+    finished = [r for r in sorted(watch.ranks) if r not in unfinished]
     lines = [f"TIMEOUT: rank(s) {_rank_list(unfinished)} of {nprocs} were still running after "
              f"{timeout:g} s" + (f"; rank(s) {_rank_list(finished)} had returned from the function and "
                                   "were waiting for the others to finish" if finished else "")
@@ -158,22 +168,28 @@ def _watch_until_done(watch: Watch, nprocs: int, deadline: float, timeout: float
     first_failure = None
     while len(watch.outcomes) < nprocs:
         now = time.monotonic()
-        if now >= deadline:
+        if now >= deadline and watch.running():
             _raise_timeout(watch, nprocs, timeout)
+        _raise_if_a_result_is_late(watch, now)
         if first_failure is not None and now >= first_failure + grace:
             break
-        watch.pump(min(0.1, deadline - now))
+        watch.pump(min(0.1, deadline - now) if now < deadline else 0.1)
         if first_failure is None and watch.failures():
             first_failure = time.monotonic()
     if watch.failures() or len(watch.outcomes) < nprocs:
         stop_and_reap(list(watch.ranks.values()))
-        while watch.open_pipes:
-            watch.pump(0.05)
+        watch.drain(until=min(deadline, time.monotonic() + DRAIN_AFTER_FAILURE_S))
         _finish_failed_launch(watch, nprocs)
     # every rank reported success; let them finish tearing down and flush their output
-    end = min(deadline, time.monotonic() + 10.0)
-    while watch.open_pipes and time.monotonic() < end:
-        watch.pump(0.05)
+    watch.drain(until=min(deadline, time.monotonic() + 10.0))
+
+
+def _raise_if_a_result_is_late(watch: Watch, now: float) -> None:
+    """The timeout counts the function; a result being sent has its own budget (``_results``)."""
+    rank = watch.late_sender(now)
+    if rank is not None:
+        raise LaunchTimeout(watch.incoming[rank].late_message(now), rank=rank,
+                            failures=watch.failures())
 
 
 def _results(watch: Watch, nprocs: int) -> list:
@@ -190,8 +206,9 @@ def _results(watch: Watch, nprocs: int) -> list:
 
 
 def launch(fn, nprocs: int = 2, args=(), kwargs=None, backend: str = "auto", timeout: float = 120,
-           *, debug: bool = False, start_method: str = "forkserver", threads: int | None = None,
-           collective_timeout: float | None = None, grace: float = 3.0, quiet: bool = False) -> list:
+           *, debug: bool = False, start_method: str | None = None, threads: int | None = None,
+           collective_timeout: float | None = None, grace: float = 3.0, quiet: bool = False,
+           max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES) -> list:
     """Run ``fn(*args, **kwargs)`` on ``nprocs`` ranks; return their results, index = rank.
 
     Inside each rank the default process group is ready (``torch.distributed`` works at once)
@@ -201,24 +218,34 @@ def launch(fn, nprocs: int = 2, args=(), kwargs=None, backend: str = "auto", tim
     timeout: seconds for the whole launch; then LaunchTimeout shows where each rank waits.
     debug: torch's detailed collective checks (TORCH_DISTRIBUTED_DEBUG=DETAIL): mismatched
         collectives fail at once with a clear message.
-    start_method: "forkserver" (fast: forked from a process that already imported torch),
-        "spawn" (a fresh interpreter per rank) or "torchrun" (real ``torchrun --standalone``).
-    threads: torch threads per rank; default max(1, cores // nprocs).
+    start_method: "forkserver" (fast: forked from a process that already imported torch; the
+        default on Linux), "spawn" (a fresh interpreter per rank; the default elsewhere) or
+        "torchrun" (real torchrun on this machine, its rendezvous kept off the network).
+    threads: torch threads per rank; default max(1, usable cores // nprocs), where usable cores
+        count CPU affinity and a container's CPU quota.
     collective_timeout: seconds a collective may wait inside a rank (default: timeout + 10, so
         the launcher's own timeout, which shows the stacks, comes first).
     grace: seconds the other ranks get, after the first failure, to report their own errors.
     quiet: no banner line.
+    max_result_bytes: the most bytes all ranks' results may take together (default 2 GiB);
+        tensors travel as CPU tensors of their own elements (a shard, not its whole base). A
+        larger result is a LaunchError naming the rank and its largest part. Sending a result
+        does not count against ``timeout``: it has its own, 60 s plus 1 s per 20 MiB.
     """
     _check_arguments(fn, nprocs, args, kwargs, timeout, start_method, grace)
+    max_result_bytes = _check_max_result_bytes(max_result_bytes)
+    refuse_unsupported_platform()
+    start_method, why = (start_method, "as asked") if start_method else default_start_method()
     backend = resolve_backend(backend, nprocs)
     threads = threads or threads_per_rank(nprocs)
     function = _pickle_function(fn, args, kwargs)
     if not quiet:
         print(f"labkit.launch: {nprocs} rank(s), backend {backend}, {threads} thread(s) per rank "
-              f"({os.cpu_count()} cores), {start_method}", flush=True)
+              f"({usable_cores()} usable cores), start method {start_method} ({why})", flush=True)
     job = {"function": function, "backend": backend, "threads": threads,
            "collective_timeout": collective_timeout or timeout + 10,
-           "linecache": _notebook_cells(), "sys_path": list(sys.path), "cwd": os.getcwd()}
+           "linecache": _notebook_cells(), "sys_path": list(sys.path), "cwd": os.getcwd(),
+           "max_result_bytes": max_result_bytes}
     common_env = _common_environment(threads, debug)
     if start_method == "torchrun":
         from labkit.launcher._torchrun import launch_with_torchrun
@@ -229,15 +256,15 @@ def launch(fn, nprocs: int = 2, args=(), kwargs=None, backend: str = "auto", tim
         try:
             for rank in range(nprocs):
                 env = dict(common_env, **_torchrun_variables(rank, nprocs, store.env))
-                ranks.append(start_rank(rank, start_method, env))
+                ranks.append(start_rank(rank, start_method, env, deadline))
                 _send_job(ranks[-1], cloudpickle.dumps(dict(job, env=env)), deadline)
-            watch = Watch(ranks)
+            watch = Watch(ranks, max_result_bytes)
             _watch_until_done(watch, nprocs, deadline, timeout, grace)
             return _results(watch, nprocs)
         finally:
             stop_and_reap(ranks)
             if watch is not None:
-                watch.selector.close()
+                watch.close()
             for rank in ranks:
                 rank.close_pipes()
 

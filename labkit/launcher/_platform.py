@@ -83,12 +83,42 @@ def threads_per_rank(nprocs: int) -> int:
     return max(1, usable_cores() // nprocs)
 
 
+def refuse_unsupported_platform() -> None:
+    """Launching needs POSIX (pipes the launcher can wait on, process groups it can signal)."""
+    if sys.platform.startswith(("win32", "cygwin")):
+        raise RuntimeError(
+            "labkit.launch runs ranks on Linux and macOS; on Windows it needs WSL2 (Ubuntu), "
+            "where everything works as on Linux: see docs/launcher.md, 'Windows'. What needs no "
+            "ranks works here too: labkit.theory, labkit.plots, labkit.widgets, labkit.simulate.")
+
+
 def default_start_method() -> tuple[str, str]:
     """The start method a launch uses when none is given, and why (shown in the banner)."""
-    if sys.platform.startswith(FORKSERVER_PLATFORMS) and hasattr(os, "fork"):
-        return "forkserver", "fast: ranks forked from a process that already imported torch"
-    return "spawn", (f"the fork server is supported on Linux only; this is {sys.platform}, so "
-                     "each rank is a fresh interpreter")
+    if fork_server_supported():
+        return "forkserver", "the default on Linux"
+    return "spawn", f"the default on {sys.platform}: the fork server runs on Linux only"
+
+
+def fork_server_supported() -> bool:
+    return sys.platform.startswith(FORKSERVER_PLATFORMS) and hasattr(os, "fork")
+
+
+def interactive_session() -> bool:
+    """True inside a Jupyter kernel, IPython or the Python REPL: where a launch is likely soon."""
+    ipython = sys.modules.get("IPython")
+    if ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None:
+        return True
+    return hasattr(sys, "ps1") or bool(sys.flags.interactive)
+
+
+def prestart_wanted() -> bool:
+    """Start the fork server at ``import labkit``? LABKIT_PRESTART=0/1 decides; by default only
+    in an interactive session on Linux (a script or ``labkit grade`` starts it at the first
+    launch, and may never launch at all)."""
+    setting = os.environ.get("LABKIT_PRESTART", "")
+    if setting in ("0", "1"):
+        return setting == "1" and fork_server_supported()
+    return interactive_session() and fork_server_supported()
 
 
 def loopback_interface() -> str | None:

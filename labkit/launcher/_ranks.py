@@ -34,7 +34,11 @@ class RankProcess:
         return True
 
     def signal(self, sig: int) -> None:
-        """Signal the rank's whole process group (the rank and anything it started)."""
+        """Signal the rank's whole process group: the rank and anything it started.
+
+        The group outlives its leader: a background process a rank started (``sleep 600 &``)
+        keeps it, and the rank's stdout, after the rank itself has exited.
+        """
         try:
             os.killpg(self.pid, sig)
         except (ProcessLookupError, PermissionError):
@@ -63,10 +67,9 @@ class RankProcess:
 
 
 def stop_and_reap(ranks, wait_s: float = 5.0) -> None:
-    """Kill every rank still running and wait until each is really gone (no zombies, no orphans)."""
+    """Kill every rank and whatever it started, and wait until each rank is really gone."""
     for rank in ranks:
-        if rank.is_alive():
-            rank.signal(signal.SIGKILL)
+        rank.signal(signal.SIGKILL)
     deadline = time.monotonic() + wait_s
     for rank in ranks:
         if rank.popen is not None:
@@ -88,11 +91,11 @@ def _rank_pipes():
     return [stdin_r, stdout_w, stderr_w, result_w], [stdin_w, stdout_r, stderr_r, result_r]
 
 
-def start_rank(rank: int, start_method: str, spawn_env: dict) -> RankProcess:
+def start_rank(rank: int, start_method: str, spawn_env: dict, deadline: float) -> RankProcess:
     child_fds, parent_fds = _rank_pipes()
     try:
         if start_method == "forkserver":
-            pid, popen = fork_server().fork_rank(child_fds), None
+            pid, popen = fork_server().fork_rank(child_fds, deadline), None
         else:
             stdin_r, stdout_w, stderr_w, result_w = child_fds
             popen = subprocess.Popen(

@@ -30,6 +30,7 @@ class LoopbackStore:
         import torch.distributed as dist
         self._store = None
         self._folder = None
+        self.address = None  # (host, port) for clients; None with the file fallback
         if _tcp_store_takes_a_socket():
             listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             listener.bind((LOOPBACK, 0))
@@ -40,6 +41,7 @@ class LoopbackStore:
                                         timeout=timedelta(seconds=timeout_s),
                                         wait_for_workers=False,
                                         master_listen_fd=listener.detach(), use_libuv=False)
+            self.address = (LOOPBACK, port)
             # torchrun's contract: every rank is a client of a store the launcher hosts
             self.env = {"MASTER_ADDR": LOOPBACK, "MASTER_PORT": str(port),
                         "TORCHELASTIC_USE_AGENT_STORE": "True"}
@@ -59,3 +61,16 @@ class LoopbackStore:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def join(address: tuple, run_id: str, world_size: int, timeout_s: float):
+    """A client of the launcher's loopback store, with keys of its own for this launch.
+
+    Ranks started by torchrun use it instead of ``env://``, whose rank 0 would host a store of
+    its own on every interface.
+    """
+    import torch.distributed as dist
+    host, port = address
+    client = dist.TCPStore(host, port, world_size, is_master=False,
+                           timeout=timedelta(seconds=timeout_s))
+    return dist.PrefixStore(f"labkit/{run_id}/", client)

@@ -1,28 +1,28 @@
 """The watch loop of a launch: every rank's stdout, stderr and result pipe, read on one thread.
 
-Output is printed as whole ``[rank r]`` lines in the cell that launched; results arrive as framed
-messages; a rank whose result pipe closes without a whole message died.
+Output goes to the cell that launched (``_output``); results arrive as framed messages; a rank
+whose result pipe closes without a whole message died.
 """
 import os
 import selectors
 import signal
-import sys
 import time
 
-import cloudpickle
-
-from labkit.launcher._framing import FrameReader
+from labkit.launcher._output import Console, redrawn, split_lines
+from labkit.launcher._results import DEFAULT_MAX_RESULT_BYTES, Allowance, IncomingResult
 from labkit.launcher.errors import readable_stack
 
 
 class Watch:
     """Reads every rank's stdout, stderr and result pipe in one loop on the calling thread."""
 
-    def __init__(self, ranks):
+    def __init__(self, ranks, max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES):
         self.ranks = {r.rank: r for r in ranks}
         self.selector = selectors.DefaultSelector()
         self.partial = {}
-        self.readers = {r.rank: FrameReader() for r in ranks}
+        self.console = Console()
+        allowance = Allowance(max_result_bytes)  # for all ranks' results together
+        self.incoming = {r.rank: IncomingResult(r.rank, allowance) for r in ranks}
         self.outcomes = {}  # rank -> outcome dict, filled as results arrive
         self.capturing_stacks = False
         self.stacks = {r.rank: [] for r in ranks}
@@ -38,6 +38,16 @@ class Watch:
     @property
     def open_pipes(self) -> int:
         return len(self.selector.get_map())
+
+    def drain(self, until: float) -> None:
+        """Read what the ranks still write until their pipes close, or until ``until``
+        (``time.monotonic()``): a process a rank started may hold a pipe open forever."""
+        while self.open_pipes and time.monotonic() < until:
+            self.pump(min(0.05, max(0.0, until - time.monotonic())))
+
+    def close(self) -> None:
+        self.console.end_open_line()
+        self.selector.close()
 
     def pump(self, wait_s: float) -> None:
         for key, _ in self.selector.select(timeout=wait_s):
@@ -57,29 +67,39 @@ class Watch:
                 self.ranks[rank].close_pipe(self._PIPES[stream])
 
     def _on_output(self, rank: int, stream: str, data: bytes) -> None:
-        buffered = self.partial[(rank, stream)] + data
-        *lines, rest = buffered.split(b"\n")
-        if not data and rest:  # end of stream: flush a last line without a newline
-            lines, rest = lines + [rest], b""
+        lines, rest = split_lines(self.partial[(rank, stream)] + data, at_end=not data)
         self.partial[(rank, stream)] = rest
-        for raw in lines:
-            line = raw.decode("utf-8", errors="replace").rstrip("\r")
+        for line in lines:
             if stream == "err":
                 self.tails[rank] = (self.tails[rank] + [line])[-20:]
                 if self.capturing_stacks:
                     self.stacks[rank].append(line)
                     continue
-            print(f"[rank {rank}] {line}", file=sys.stderr if stream == "err" else sys.stdout,
-                  flush=True)
+            self.console.line(rank, stream, line)
+        progress = redrawn(rest)
+        if progress is not None and not (stream == "err" and self.capturing_stacks):
+            self.console.progress(rank, stream, progress)
 
     def _on_result(self, rank: int, data: bytes) -> None:
         if rank in self.outcomes:
             return
-        message = self.readers[rank].feed(data)
-        if message is not None:
-            self.outcomes[rank] = cloudpickle.loads(message)
-        elif not data:  # the pipe closed before a whole result arrived: the rank died
-            self.outcomes[rank] = self._died(rank)
+        incoming = self.incoming[rank]
+        outcome = incoming.feed(data)
+        if outcome is None and not data:  # the pipe closed before a whole result arrived
+            outcome = self._died(rank)
+        if outcome is not None:
+            self.outcomes[rank] = outcome
+        if incoming.refused:  # too large: read no further; the rank waits until it is stopped
+            self.selector.unregister(self.ranks[rank].result_r)
+
+    def running(self) -> list:
+        """Ranks still inside the learner's function (the launch's timeout runs for these)."""
+        return [r for r in sorted(self.ranks)
+                if r not in self.outcomes and not self.incoming[r].sending]
+
+    def late_sender(self, now: float) -> int | None:
+        """A rank whose result is taking longer than its own budget to arrive, if any."""
+        return next((r for r in sorted(self.ranks) if self.incoming[r].late(now)), None)
 
     def _died(self, rank: int) -> dict:
         process = self.ranks[rank]
@@ -88,8 +108,9 @@ class Watch:
                else f"exit code {code}" if code is not None else "killed, crashed in native code, "
                "or ended by os._exit()")
         tail = "\n".join(self.tails[rank][-10:])
+        what = self.incoming[rank].died_message() or f"rank {rank} ended without returning or raising"
         return {"status": "died", "rank": rank, "time": time.time(), "type": "RankDied",
-                "message": f"rank {rank} ended without returning or raising ({how}); "
+                "message": f"{what} ({how}); "
                            "a rank killed for using too much memory looks like this too.",
                 "traceback": f"Last lines rank {rank} wrote to stderr:\n{tail}" if tail else ""}
 

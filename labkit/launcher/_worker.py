@@ -2,7 +2,8 @@
 
 The launcher sends a *job* (the cloudpickled function and its settings) on the rank's stdin and
 keeps that pipe open as a lifeline: when the notebook's kernel dies, the pipe closes and the rank
-exits on its own. The outcome travels back on a private result pipe, never through the store.
+exits on its own. The outcome travels back on a private result pipe, never through the store, in
+the messages described in ``_results`` (the function returned; the outcome; the pickled value).
 """
 import faulthandler
 import linecache
@@ -16,7 +17,10 @@ from datetime import timedelta
 
 import cloudpickle
 
+from labkit.launcher import _pickling
 from labkit.launcher._framing import read_message, write_message
+from labkit.launcher._results import (DEFAULT_MAX_RESULT_BYTES, largest_part, too_large_message,
+                                      too_large_outcome)
 
 RESULT_FD = 3  # the launcher places the result pipe on this descriptor
 
@@ -31,18 +35,6 @@ def _exit_when_parent_goes(stdin_fd: int) -> None:
             pass
         os._exit(70)
     threading.Thread(target=watch, name="labkit-lifeline", daemon=True).start()
-
-
-def _to_cpu(value):
-    """Tensors come back on the CPU, so the notebook never needs the ranks' GPUs."""
-    import torch
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if type(value) in (list, tuple):
-        return type(value)(_to_cpu(v) for v in value)
-    if type(value) is dict:
-        return {k: _to_cpu(v) for k, v in value.items()}
-    return value
 
 
 def _skip_own_frames(exc: BaseException):
@@ -66,18 +58,25 @@ def describe_exception(exc: BaseException, rank: int) -> dict:
 
 
 def set_up_process_group(job: dict) -> None:
+    """Join the default process group through the launcher's store, never hosting one ourselves."""
     import torch
     import torch.distributed as dist
 
     timeout = timedelta(seconds=job["collective_timeout"])
     if job["backend"] == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     store_path = os.environ.get("LABKIT_FILE_STORE")
-    if store_path:  # fallback for torch builds whose TCPStore cannot take a loopback socket
+    if job.get("store_address"):  # under torchrun, whose env:// has rank 0 host a store
+        from labkit.launcher._rendezvous import join
+        store = join(job["store_address"], os.environ["TORCHELASTIC_RUN_ID"], world_size,
+                     job["collective_timeout"])
+        dist.init_process_group(job["backend"], store=store, rank=rank, world_size=world_size,
+                                timeout=timeout)
+    elif store_path:  # fallback for torch builds whose TCPStore cannot take a loopback socket
         dist.init_process_group(job["backend"], init_method=f"file://{store_path}",
-                                rank=int(os.environ["RANK"]),
-                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
-    else:
+                                rank=rank, world_size=world_size, timeout=timeout)
+    else:  # a client of the launcher's loopback store, through torchrun's env:// contract
         dist.init_process_group(job["backend"], timeout=timeout)
 
 
@@ -92,8 +91,12 @@ def tear_down_process_group() -> None:
             pass
 
 
-def run_job(job: dict) -> dict:
-    """Run the learner's function inside an initialised process group; return the outcome."""
+def run_job(job: dict, on_return=None) -> dict:
+    """Run the learner's function inside an initialised process group; return the outcome.
+
+    ``on_return()`` is called as soon as the function returned, before its result is pickled, so
+    the launcher can tell time spent in the function from time spent sending its result.
+    """
     rank = int(os.environ["RANK"])
     try:
         fn, args, kwargs = cloudpickle.loads(job["function"])
@@ -101,12 +104,32 @@ def run_job(job: dict) -> dict:
         value = fn(*args, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, KeyboardInterrupt too
         return describe_exception(exc, rank)
+    if on_return is not None:
+        on_return()
     try:
-        data = cloudpickle.dumps(_to_cpu(value))
+        data = _pickling.dumps_result(value)  # once; tensors as CPU tensors of their own elements
     except Exception as exc:  # noqa: BLE001
         return {"status": "unpicklable", "rank": rank, "time": time.time(),
                 "type": type(value).__qualname__, "message": f"{type(exc).__name__}: {exc}"}
-    return {"status": "ok", "rank": rank, "value": data}
+    return _result_outcome(value, data, rank, job.get("max_result_bytes", DEFAULT_MAX_RESULT_BYTES))
+
+
+def _result_outcome(value, data: bytes, rank: int, limit: int) -> dict:
+    """"ok" with the pickled value, or "too_large" when it alone is over ``max_result_bytes``.
+
+    A result above this rank's share of the limit also names its largest part, for the launcher's
+    message when the ranks' results are too large together.
+    """
+    largest = None
+    if len(data) > limit / int(os.environ.get("WORLD_SIZE", "1")):
+        try:
+            largest = largest_part(value)
+        except Exception:  # noqa: BLE001 - a strange object must not hide the size itself
+            pass
+    if len(data) > limit:
+        return too_large_outcome(rank, too_large_message(rank, len(data), limit, largest),
+                                 len(data))
+    return {"status": "ok", "rank": rank, "size": len(data), "largest": largest, "value": data}
 
 
 def _prepare_process(job: dict) -> None:
@@ -135,8 +158,13 @@ def main(stdin_fd: int = 0, result_fd: int = RESULT_FD) -> None:
     job = cloudpickle.loads(raw)
     _exit_when_parent_goes(stdin_fd)
     _prepare_process(job)
-    outcome = run_job(job)
+    # the messages of labkit.launcher._results: "returned", the outcome, then the value alone
+    outcome = run_job(job, on_return=lambda: write_message(
+        result_fd, cloudpickle.dumps({"status": "returned", "rank": int(os.environ["RANK"])})))
+    value = outcome.pop("value", None)
     write_message(result_fd, cloudpickle.dumps(outcome))
+    if value is not None:
+        write_message(result_fd, value)
     if outcome["status"] == "ok":
         tear_down_process_group()
     sys.stdout.flush()
@@ -145,7 +173,17 @@ def main(stdin_fd: int = 0, result_fd: int = RESULT_FD) -> None:
 
 
 def main_under_torchrun(folder: str) -> None:
-    """Entry point of a rank started by torchrun: the job and the results are files in ``folder``."""
+    """Entry point of a rank started by torchrun: the job and the results are files in ``folder``.
+
+    The launcher holds the folder's lifeline open; when it closes, this rank exits, even when
+    torchrun's agent is gone too.
+    """
+    from labkit.launcher._torchrun import open_lifeline
+    try:
+        lifeline = open_lifeline(folder)
+    except OSError:  # the folder is gone: the launch is already over
+        os._exit(70)
+    _exit_when_parent_goes(lifeline)
     with open(os.path.join(folder, "job.pkl"), "rb") as f:
         job = cloudpickle.loads(f.read())
     _prepare_process(job)
