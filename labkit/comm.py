@@ -48,11 +48,10 @@ rank sends under the ring algorithms (``labkit.theory.wire_bytes``): a model, no
 - CUDA tensors (NCCL): GPU time between CUDA events around the op, read when you ask.
 Times include waiting for the slowest rank to arrive: a collective finishes for everyone together.
 
-Costs: every op inside the ``with`` passes through one Python call. The first op under any
-dispatch mode in a process imports ``torch._dynamo`` (torch wraps ``__torch_dispatch__`` with
-``torch._disable_dynamo``): about 2 s once per rank on a 2-core machine, unless the process that
-forks the ranks imported it already (labkit's fork server does, while idle). Threads you
-start yourself inside the ``with`` are not seen.
+Costs: every op inside the ``with`` passes through one Python call. torch would wrap that call
+in ``torch._disable_dynamo``, which imports ``torch._dynamo`` at the first op (2-4 s on a 2-core
+machine); labkit's modes keep Dynamo out of their own code without that import (see
+``labkit._torch_private``). Threads you start yourself inside the ``with`` are not seen.
 """
 import threading
 import time
@@ -60,9 +59,9 @@ import weakref
 from typing import NamedTuple, Optional
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from labkit import theory
+from labkit._torch_private import DispatchMode, op_argument_names, op_name, unbox
 
 
 class CommCall(NamedTuple):
@@ -121,7 +120,7 @@ _RING_OPS = {"all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter"
              "send", "recv", "barrier"}
 
 
-class CommCounter(TorchDispatchMode):
+class CommCounter(DispatchMode):
     """Counts the collectives run inside ``with CommCounter() as comm:`` on this rank.
 
     Read it with ``comm.summary()``, ``comm.calls``, ``comm.total_payload_bytes()``,
@@ -213,13 +212,13 @@ class CommCounter(TorchDispatchMode):
         ops = _NAMESPACES.get(getattr(func, "namespace", None))
         if ops is None:
             return func(*args, **kwargs)
-        name = func._opname
+        name = op_name(func)
         if name == "wait_tensor":
             return self._wait_tensor(func, args, kwargs)
         if name in _NOT_COMMUNICATION:
             return func(*args, **kwargs)
 
-        named = dict(zip((a.name for a in func._schema.arguments), args), **kwargs)
+        named = dict(zip(op_argument_names(func), args), **kwargs)
         op, payload_arg = ops.get(name, (f"{func.namespace}.{name}", "*"))
         clock = _Clock(_first_tensor(named))
         result = func(*args, **kwargs)
@@ -338,7 +337,7 @@ def _first_tensor(named):
 def _group_size_and_rank(group, named):
     """(ranks in the op's group, this rank's index in it): subgroups count their own size."""
     if group is not None:                       # c10d ops carry the ProcessGroup, boxed
-        pg = _unbox(group, "ProcessGroup")
+        pg = unbox(group, "ProcessGroup")
         return pg.size(), pg.rank()
     if "group_size" in named:                   # functional all-gather / reduce-scatter
         return int(named["group_size"]), None
@@ -346,23 +345,18 @@ def _group_size_and_rank(group, named):
     if name is None:                            # an op we do not know: assume the whole world
         return torch.distributed.get_world_size(), torch.distributed.get_rank()
     if not isinstance(name, str):
-        pg = _unbox(name, "ProcessGroup")
+        pg = unbox(name, "ProcessGroup")
     else:
-        from torch.distributed.distributed_c10d import _resolve_process_group
-        pg = _resolve_process_group(name)
+        from labkit._torch_private import resolve_process_group
+        pg = resolve_process_group(name)
     return pg.size(), pg.rank()
-
-
-def _unbox(obj, class_name):
-    klass = getattr(torch._C._distributed_c10d, class_name)
-    return klass.unbox(obj) if isinstance(obj, torch.ScriptObject) else obj
 
 
 def _work_of(result):
     """The Work handle among a c10d op's outputs (None if the backend returned none)."""
     for item in result if isinstance(result, (tuple, list)) else (result,):
         if isinstance(item, torch.ScriptObject) or isinstance(item, torch.distributed.Work):
-            return _unbox(item, "Work")
+            return unbox(item, "Work")
     return None
 
 

@@ -9,7 +9,7 @@
 How it works, in three pieces of plain torch:
 1. A ``TorchDispatchMode`` sees every aten op run inside the ``with``. Each tensor going in or out
    is registered by its *storage* (views share their storage, so a buffer is counted once), with a
-   weak reference whose callback subtracts the bytes the moment torch frees the storage.
+   weak reference that reports when torch frees the storage.
 2. ``torch.autograd.graph.saved_tensors_hooks`` marks the storages autograd saves for backward
    (the activations) and unmarks them when autograd lets go of them.
 3. The roles come from the objects that own the storages: ``model.parameters()``, ``p.grad``,
@@ -20,17 +20,46 @@ A storage has exactly one category; the first rule that applies wins:
 A tag wins because it is the learner saying what a buffer is: a parameter that is a view into a
 flat buffer tagged "comm" counts as comm, so tag a flat parameter buffer "params".
 
+Categories are kept current as things happen, so recording a new peak costs a copy of six
+numbers: tags when you set them; saves, releases and grads (a post-accumulate-grad hook) by the
+next op; parameters, grads and optimizer state you assign yourself when the tracer re-reads the
+owners, at each mark (start of the ``with``, end of each forward, start and end of each
+``optimizer.step()``, reading ``current``). Optimizer state is created inside ``step()``, where no
+hook sees it: found when ``step()`` returns, it counts as optimizer state from its creation in the
+peak too (the timeline shows what was known at each op).
+
 Not seen: scratch memory inside one op, memory that is no tensor (gloo/NCCL internals, the CUDA
 caching allocator's rounding and caches: compare with ``cuda_peak``), sparse tensors, and a tensor
-made before the ``with`` that no op, model or optimizer touches. Activation checkpointing installs
-its own saved-tensor hooks, so what it keeps counts as "other". Use one tracer at a time.
+made before the ``with`` that no op, model or optimizer touches. A storage resized behind the ops'
+back (``storage.resize_``, as FSDP does) is re-read when an op uses it, at a mark, and, once it
+was seen to change size, before every new peak. Activation checkpointing installs its own
+saved-tensor hooks, so what it keeps counts as "other". Use one tracer at a time.
+
+Threads: autograd, DDP's hooks and gloo's callbacks run on threads of their own, and torch frees a
+storage on whichever thread lets go of it last. So the books change only under one lock, and
+whatever happens outside an op (a storage freed, a tensor saved for backward or released, a grad
+written) is only noted, in a thread-safe queue, and booked in order by the next op, mark or read,
+before it looks at the totals. A finaliser can fire on any thread at any allocation (garbage
+collection), even inside the locked code: noting never waits, so it cannot deadlock.
 """
+import collections
+import threading
 import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+
+from labkit._torch_private import (DispatchMode, current_autograd_node, detach_unseen,
+                                   inner_tensors, is_traceable_wrapper_subclass, tensor_version)
 
 CATEGORIES = ("params", "grads", "optimizer", "activations", "comm", "other")
+_TENSOR, _PARAMETER = torch.Tensor, torch.nn.Parameter
+_SCALARS = {int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout,
+            torch.memory_format}
+_EVENTS = {}  # (phase, id(op)) -> (op, "forward aten.addmm.default"): str(op) parses the schema
+# A view shares its input's storage, so it changes no bytes and is skipped, except lift_fresh:
+# a tensor made from data (torch.tensor(0.0), Adam's step) reaches the dispatcher only as that.
+_LIFT_FRESH = torch.ops.aten.lift_fresh.default
+_RELEASED, _GRAD = "released", "grad"  # the kinds of notes that are (kind, object) pairs
 
 
 def _storages(obj):
@@ -39,14 +68,17 @@ def _storages(obj):
     stack, found = [obj], []
     while stack:
         item = stack.pop()
-        if isinstance(item, torch.Tensor):
-            if type(item) is not torch.Tensor and is_traceable_wrapper_subclass(item):
-                stack.extend(getattr(item, name) for name in item.__tensor_flatten__()[0])
-                continue
+        kind = type(item)
+        if kind is _TENSOR or kind is _PARAMETER or (
+                isinstance(item, _TENSOR) and not is_traceable_wrapper_subclass(item)):
             try:
                 found.append(item.untyped_storage())
             except (RuntimeError, NotImplementedError):
                 pass
+        elif kind in _SCALARS:
+            continue
+        elif isinstance(item, _TENSOR):
+            stack.extend(inner_tensors(item))
         elif isinstance(item, torch.UntypedStorage):
             found.append(item)
         elif isinstance(item, (list, tuple)):
@@ -56,33 +88,62 @@ def _storages(obj):
     return found
 
 
+def _op_storages(args, kwargs, out):
+    """``_storages((args, kwargs, out))`` for one op, about twice as fast: it runs for every op,
+    and most arguments are plain tensors or numbers (``isinstance`` with Tensor is slow)."""
+    try:
+        found = []
+        for item in args:
+            if type(item) is _TENSOR:
+                found.append(item.untyped_storage())
+            elif type(item) not in _SCALARS:
+                found += _storages(item)
+        if kwargs:
+            found += _storages(kwargs)
+        if type(out) is _TENSOR:
+            found.append(out.untyped_storage())
+        else:
+            found += _storages(out)
+        return found
+    except (RuntimeError, NotImplementedError):  # a sparse tensor: the slow path skips it
+        return _storages((args, kwargs, out))
+
+
 def _as_list(x):
     return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-class _Entry:
-    """One live storage: its bytes, the weak reference that reports its death, what it is."""
-    __slots__ = ("nbytes", "ref", "tag", "role", "saved", "category")
+class _Entry(weakref.ref):
+    """One live storage, and the weak reference to it (``entry()`` is the storage, or None once
+    torch freed it): its bytes, what it is, and when it was made and last changed (counts of
+    changes to the books, see ``_move``). One object per storage: there are many."""
+    __slots__ = ("key", "nbytes", "tag", "role", "saved", "category", "born", "since")
+    __hash__, __eq__ = object.__hash__, object.__eq__  # an entry is itself, not its storage
 
 
 class _Saved:
     """What autograd keeps for a saved tensor; its death means autograd no longer needs it."""
-    __slots__ = ("tensor", "version", "entry", "tracer")
+    __slots__ = ("tensor", "version", "entry", "notes", "__weakref__")
 
     def __del__(self):
-        if self.entry is not None:
-            self.entry.saved -= 1
-            self.tracer._recategorize(self.entry)
+        if self.entry is not None:  # set when the save was booked
+            self.notes.append((_RELEASED, self.entry))  # booked later, under the lock (_settle)
 
 
-class _Mode(TorchDispatchMode):
+class _SavedRef(weakref.ref):
+    """The note of a save: weak, so that a note waiting to be booked keeps no memory alive."""
+    __slots__ = ()
+
+
+class _Mode(DispatchMode):
     def __init__(self, tracer):
         super().__init__()
         self.tracer = tracer
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.tracer._after_op(func, (args, kwargs, out))
+        if func is _LIFT_FRESH or not getattr(func, "is_view", False):
+            self.tracer._after_op(func, _op_storages(args, kwargs, out))
         return out
 
 
@@ -103,6 +164,12 @@ class MemoryTracer:
         self.models, self.optimizers = _as_list(model), _as_list(optimizer)
         self.device, self.record = device, timeline
         self._live, self._bytes, self._total = {}, dict.fromkeys(CATEGORIES, 0), 0
+        self._resizable = set()            # entries seen to change size behind the ops' back
+        self._lock = threading.RLock()     # around every change to the books
+        self._notes = collections.deque()  # what happened outside ops, to book (see _settle)
+        self._note = self._notes.append     # what an entry's weak reference calls as it dies
+        self._seq = self._peak_seq = 0     # changes to the books so far; that count at the peak
+        self._step_seq = None              # that count when the current optimizer.step began
         self._active, self._handles, self._contexts, self._phase = False, [], [], ""
         self.timeline, self.peak, self.peak_total, self.peak_event = [], {}, 0, None
         self.cuda_allocated = self.cuda_peak = self._final = None
@@ -112,9 +179,11 @@ class MemoryTracer:
         them or an UntypedStorage); None removes the tag. For flat buffers, buckets, shards."""
         if category is not None and category not in CATEGORIES:
             raise ValueError(f"category must be one of {CATEGORIES} or None, not {category!r}")
-        for entry in self._entries(tensor):
-            entry.tag = category
-            self._recategorize(entry)
+        with self._lock:
+            self._settle()
+            for entry in self._entries(tensor):
+                entry.tag = category
+                self._recategorize(entry)
         return tensor
 
     def tag_ddp_buckets(self, ddp_model, category="comm"):
@@ -136,9 +205,11 @@ class MemoryTracer:
     @property
     def current(self):
         """Bytes by category now (after the ``with``: at its end)."""
-        if self._active:
-            self._refresh()
-        return dict(self._final if self._final is not None else self._bytes)
+        with self._lock:
+            self._settle()
+            if self._active:
+                self._refresh()
+            return dict(self._final if self._final is not None else self._bytes)
 
     def report(self, timeline=False):
         """A plain dict (ints and strings) to return from a rank and gather in the notebook."""
@@ -155,19 +226,20 @@ class MemoryTracer:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.reset_peak_memory_stats()
         for model in self.models:
-            self._handles += [model.register_forward_pre_hook(self._hook("forward")),
-                              model.register_forward_hook(self._hook("", "after forward"),
-                                                          always_call=True)]
+            self._handles += [model.register_forward_pre_hook(self._forward_starts),
+                              model.register_forward_hook(self._forward_ends, always_call=True)]
         for opt in self.optimizers:
-            self._handles += [
-                opt.register_step_pre_hook(self._hook("optimizer.step", "before optimizer.step")),
-                opt.register_step_post_hook(self._hook("", "after optimizer.step"))]
+            self._handles += [opt.register_step_pre_hook(self._step_starts),
+                              opt.register_step_post_hook(self._step_ends)]
         for p in self._params():
             if p.requires_grad and p.is_leaf:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._grad_ready))
-        self._refresh()
-        self.peak, self.peak_total, self.peak_event = dict(self._bytes), self._total, "enter"
-        self._mark("enter")
+        with self._lock:
+            self._settle()
+            self._refresh()
+            self.peak, self.peak_total, self.peak_event = dict(self._bytes), self._total, "enter"
+            self._peak_seq = self._seq
+            self._mark("enter")
         self._contexts = [torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack),
                           _Mode(self)]
         for context in self._contexts:
@@ -180,9 +252,11 @@ class MemoryTracer:
         for handle in self._handles:
             handle.remove()
         self._handles, self._contexts = [], []
-        self._refresh()
-        self._mark("exit")
-        self._active, self._final = False, dict(self._bytes)
+        with self._lock:
+            self._settle()
+            self._refresh()
+            self._mark("exit")
+            self._active, self._final = False, dict(self._bytes)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             self.cuda_allocated = torch.cuda.memory_allocated()
             self.cuda_peak = torch.cuda.max_memory_allocated()
@@ -191,40 +265,81 @@ class MemoryTracer:
         mib = ", ".join(f"{k} {v / 2**20:.2f}" for k, v in self.peak.items())
         return f"MemoryTracer(peak {self.peak_total / 2**20:.2f} MiB at {self.peak_event}: {mib})"
 
-    # ---- bookkeeping: _move is the one place where the byte counts change ----
+    # ---- the books: changed only under self._lock; _move is the one place bytes change ----
     def _move(self, entry, nbytes, category):
         self._bytes[entry.category] -= entry.nbytes
         self._total += nbytes - entry.nbytes
         self._bytes[category] += nbytes
         entry.nbytes, entry.category = nbytes, category
+        self._seq += 1
+        entry.since = self._seq
 
     def _register(self, storage):
         """The entry of a live storage: made on first sight, its size re-read (resize_)."""
         key = id(storage)  # one Python object per live storage, kept as long as the storage
         entry = self._live.get(key)
-        if entry is None:
-            if storage.device.type == "meta" or self.device not in (None, storage.device.type):
-                return None
-            entry = self._live[key] = _Entry()
-            entry.nbytes, entry.saved, entry.tag, entry.role = 0, 0, None, None
-            entry.category = "other"
-            entry.ref = weakref.ref(storage, lambda _, key=key: self._drop(key))
-        if storage.nbytes() != entry.nbytes:
-            self._move(entry, storage.nbytes(), entry.category)
+        if entry is not None and entry() is not storage:  # a dead storage's id, reused
+            self._drop(entry)
+            entry = None
+        new = entry is None
+        if new:
+            if self.device is not None or not storage.data_ptr():  # meta has none: look closer
+                device = storage.device.type  # (slower than the rest of this function together)
+                if device == "meta" or self.device not in (None, device):
+                    return None
+            entry = self._live[key] = _Entry(storage, self._note)  # its death: a note
+            entry.key, entry.nbytes, entry.saved, entry.tag, entry.role = key, 0, 0, None, None
+            entry.category, entry.born, entry.since = "other", self._seq + 1, self._seq
+        nbytes = storage.nbytes()
+        if nbytes != entry.nbytes:
+            if not new:
+                self._resizable.add(entry)
+            self._move(entry, nbytes, entry.category)
         return entry
 
     def _entries(self, obj):
         """The entries of the storages behind the tensors (or storages) in ``obj``."""
         return [entry for entry in map(self._register, _storages(obj)) if entry is not None]
 
-    def _drop(self, key):
-        entry = self._live.pop(key, None)
-        if entry is not None:
+    def _drop(self, entry):
+        """Book the death of an entry's storage, once."""
+        if self._live.get(entry.key) is entry:
+            del self._live[entry.key]
+            self._resizable.discard(entry)
             self._move(entry, 0, entry.category)
+
+    def _settle(self):
+        """Book, in the order they happened, the notes left outside ops (module docstring)."""
+        notes = self._notes
+        while notes:
+            note = notes.popleft()
+            if type(note) is _Entry:  # its weak reference's callback: the storage died
+                self._drop(note)
+            elif type(note) is _SavedRef:  # autograd saved a tensor for backward
+                self._book_save(note())
+            elif note[0] is _RELEASED:  # autograd let go of a saved tensor
+                self._book_release(note[1])
+            else:  # (_GRAD, parameter): autograd wrote its grad
+                self._book_grad(note[1])
+
+    def _book_save(self, saved):
+        if saved is not None:  # None: released before it was booked, nothing to do
+            for entry in self._entries(saved.tensor)[:1]:
+                saved.entry, entry.saved = entry, entry.saved + 1
+                self._recategorize(entry)
+
+    def _book_release(self, entry):
+        entry.saved -= 1
+        self._recategorize(entry)
+
+    def _book_grad(self, param):
+        for entry in self._entries(param.grad):
+            entry.role = entry.role or "grads"
+            self._recategorize(entry)
 
     def _recategorize(self, entry):
         category = entry.tag or entry.role or ("activations" if entry.saved else "other")
-        if category != entry.category and entry.ref() is not None:
+        if category != entry.category and entry() is not None:
             self._move(entry, entry.nbytes, category)
 
     def _params(self):
@@ -233,9 +348,8 @@ class MemoryTracer:
                       for group in opt.param_groups for p in group["params"])
         return list(params.values())
 
-    def _refresh(self):
-        """Re-read who owns what (parameters, their grads, optimizer state: new in step 1) and
-        every size (a learner may free a buffer with ``storage.resize_(0)``, as FSDP does)."""
+    def _roles(self):
+        """{entry: role}, read from the owners: parameters, their grads, optimizer state."""
         params = self._params()
         owners = [("params", params), ("grads", [p.grad for p in params]),
                   ("optimizer", [opt.state for opt in self.optimizers])]
@@ -243,64 +357,119 @@ class MemoryTracer:
         for role, objects in owners:
             for entry in self._entries(objects):
                 roles.setdefault(entry, role)
-        for entry in list(self._live.values()):
-            if (storage := entry.ref()) is not None:
-                if storage.nbytes() != entry.nbytes:
-                    self._move(entry, storage.nbytes(), entry.category)
-                entry.role = roles.get(entry)
-                self._recategorize(entry)
+        return roles
 
-    def _after_op(self, func, tensors):
-        for storage in _storages(tensors):
-            self._register(storage)
-        if self._total > self.peak_total:
-            self._refresh()  # the peak's breakdown must be exact, not a guess made earlier
+    def _refresh(self):
+        """Re-read who owns what (parameters, their grads, optimizer state: new in step 1) and
+        every size (a learner may free a buffer with ``storage.resize_(0)``, as FSDP does)."""
+        roles = self._roles()
+        for entry in list(self._live.values()):
+            if (storage := entry()) is not None:
+                if storage.nbytes() != entry.nbytes:
+                    self._resizable.add(entry)
+                    self._move(entry, storage.nbytes(), entry.category)
+                if roles.get(entry) != entry.role:
+                    entry.role = roles.get(entry)
+                    self._backdate(entry)
+                    self._recategorize(entry)
+
+    def _backdate(self, entry):
+        """Optimizer state found as ``step()`` returns counts as such in a peak reached during
+        that step, if it was made in the step before the peak and has not changed since."""
+        category = entry.tag or entry.role
+        if (entry.role == "optimizer" and category != entry.category
+                and self._step_seq is not None and self._step_seq < entry.born
+                and entry.since <= self._peak_seq):
+            self.peak[entry.category] -= entry.nbytes
+            self.peak[category] += entry.nbytes
+
+    def _after_op(self, func, storages):
+        """Book what one op touched; a new peak is a copy of six numbers. The hot path: a
+        storage already booked at its current size costs a lookup."""
+        live = self._live
+        with self._lock:
+            if self._notes:
+                self._settle()
+            for storage in storages:
+                entry = live.get(id(storage))
+                if entry is None or entry.nbytes != storage.nbytes() or entry() is not storage:
+                    self._register(storage)
+            event = None
             if self._total > self.peak_total:
-                self.peak, self.peak_total = dict(self._bytes), self._total
-                self.peak_event = self._event(func)
-        if self.record and (not self.timeline or self.timeline[-1][1] != self._total):
-            self._mark(self._event(func))
+                if self._resizable:
+                    self._reread_resizable()
+                if self._total > self.peak_total:
+                    event = self._event(func)
+                    self.peak, self.peak_total = dict(self._bytes), self._total
+                    self._peak_seq, self.peak_event = self._seq, event
+            if self.record and self.timeline[-1][1] != self._total:
+                self.timeline.append((event or self._event(func), self._total, dict(self._bytes)))
+
+    def _reread_resizable(self):
+        """Sizes that may have changed without an op (FSDP frees with ``storage.resize_(0)``)."""
+        for entry in list(self._resizable):
+            if (storage := entry()) is not None and storage.nbytes() != entry.nbytes:
+                self._move(entry, storage.nbytes(), entry.category)
 
     def _event(self, func):
         """"forward aten.addmm.default", "backward aten.mm.default", "optimizer.step ..."."""
         phase = self._phase
-        if phase != "optimizer.step" and torch._C._current_autograd_node() is not None:
+        if phase != "optimizer.step" and current_autograd_node() is not None:
             phase = "backward"
-        return f"{phase} {func}".lstrip()
+        known = _EVENTS.get((phase, id(func)))  # by id: an op's own hash is Python code
+        if known is None or known[0] is not func:
+            known = _EVENTS[phase, id(func)] = (func, f"{phase} {func}".lstrip())
+        return known[1]
 
     def _mark(self, event):
         if self.record:
             self.timeline.append((event, self._total, dict(self._bytes)))
 
-    # ---- hooks ----
-    def _hook(self, phase, mark=None):
-        """A module/optimizer hook: names the phase; at a mark, re-reads roles and records."""
-        def hook(*_):
-            self._phase = phase
-            if mark:
-                self._refresh()
-                self._mark(mark)
-        return hook
+    # ---- hooks: they name the phase; at a mark they re-read the owners and record ----
+    def _forward_starts(self, *_):
+        self._phase = "forward"
+
+    def _forward_ends(self, *_):
+        self._phase = ""
+        self._marked("after forward")
+
+    def _step_starts(self, *_):
+        self._phase = "optimizer.step"
+        with self._lock:
+            self._marked("before optimizer.step")
+            self._step_seq = self._seq
+
+    def _step_ends(self, *_):
+        self._phase = ""
+        with self._lock:
+            self._marked("after optimizer.step")  # finds new state, backdates it (_backdate)
+            self._step_seq = None
+
+    def _marked(self, event):
+        with self._lock:
+            self._settle()
+            self._refresh()
+            self._mark(event)
 
     def _grad_ready(self, param):
-        """Grads count as grads as soon as autograd writes them, not at the next mark."""
-        for entry in self._entries(param.grad):
-            entry.role = entry.role or "grads"
-            self._recategorize(entry)
+        """Autograd wrote ``param.grad``: it counts as grads from the next op on, not from the
+        next mark. Noted only: this runs on autograd's thread (see _settle)."""
+        self._notes.append((_GRAD, param))
 
     def _pack(self, tensor):
-        saved = _Saved()  # keeps a detached alias: the tensor itself (grad_fn) would make a cycle
-        saved.tensor, saved.version, saved.tracer = tensor.detach(), tensor._version, self
-        entries = self._entries(tensor)
-        saved.entry = entries[0] if entries else None
-        if saved.entry is not None:
-            saved.entry.saved += 1
-            self._recategorize(saved.entry)
+        """Autograd saves ``tensor`` for backward: noted, booked as activations by the next op
+        (see _settle), which is before any op could reach a peak."""
+        saved = _Saved()
+        saved.entry, saved.notes, saved.version = None, self._notes, tensor_version(tensor)
+        # A tensor made by autograd (grad_fn) may be the output of the node that saves it: keep
+        # a detached alias, or node and tensor would hold each other (a cycle, freed late).
+        saved.tensor = tensor if tensor.grad_fn is None else detach_unseen(tensor)
+        self._notes.append(_SavedRef(saved))
         return saved
 
     @staticmethod
     def _unpack(saved):
-        if saved.tensor._version != saved.version:  # the check autograd makes without hooks
+        if tensor_version(saved.tensor) != saved.version:  # the check autograd makes without hooks
             raise RuntimeError("one of the variables needed for gradient computation has been "
                                "modified by an inplace operation (seen by labkit.MemoryTracer)")
         return saved.tensor

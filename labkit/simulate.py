@@ -1,24 +1,56 @@
 """Per-rank memory of ZeRO at any scale, without the memory: fake tensors on a fake process group.
 
-``zero(7.5e9, world_size=64, stage=3)`` answers "how many bytes does one rank hold?" for a
-7.5-billion-parameter model on 64 ranks in a second or two on a laptop (most of it torch's
-one-time set-up). It does not evaluate a formula: it *runs* one rank's side of a ZeRO training
-step and reads the bytes off the tensors.
+``zero(7.5e9, world_size=64, stage=3)`` answers "how many bytes does one rank hold after one
+training step?" for a 7.5-billion-parameter model on 64 ranks. The first call in a process takes
+about 2 s (it imports torch's fake-tensor machinery), later ones about 0.01 s (on the course's
+2-core machine). What it does, as rank ``rank`` of ``world_size``, in this process:
 
-* The flat buffers and shards a ZeRO implementation allocates are created with ``torch.empty``
-  under torch's ``FakeTensorMode``: a 15 GB fp16 buffer becomes a tensor with a shape, a dtype
-  and no data, so nothing is really allocated.
-* The step's collectives (all-reduce, reduce-scatter, all-gather) run on torch's fake process
-  group (backend ``"fake"``), which moves nothing, so one process can play rank 17 of 1024.
-* The optimizer is torch's own Adam; its state tensors are counted as they appear.
+Executed
+* Allocation, with ``torch.empty`` under torch's ``FakeTensorMode`` (a fake tensor has a shape
+  and a dtype but no data): the buffers one rank of ZeRO-``stage`` holds, as flat 1-D buffers
+  (parameters, gradients, the fp32 master copy in mixed precision) and the transient ones of a
+  step (stage 3: the gathered parameters, once for the forward and once for the backward;
+  stages 2-3: the full gradient before its reduce-scatter; mixed precision: an fp32 copy of this
+  rank's gradient shard for the update). Their sizes are set by the rules of each stage, below.
+* The step's collectives, through ``torch.distributed`` on torch's fake process group (backend
+  ``"fake"``, a temporary default group): stage 0 all-reduces the gradients; stage 1
+  reduce-scatters them into this rank's slice of the same buffer and all-gathers the updated
+  parameters; stage 2 reduce-scatters the full gradient into the shard and all-gathers the
+  parameters; stage 3 all-gathers the parameters twice and reduce-scatters the gradients. The
+  fake group returns at once: it moves no data and checks no sizes, so one process can play
+  rank 17 of 1024.
+* torch's own Adam, one ``step()`` on this rank's part: in mixed precision on the fp32 master
+  copy (with an fp32 copy of the gradient shard), copied back into the fp16 parameters after;
+  in fp32 on the parameters themselves. Adam itself creates its state, ``exp_avg`` and
+  ``exp_avg_sq``.
 
-``labkit.theory.zero_memory`` is the formula, this is the measurement, and they agree up to the
-padding that makes a flat buffer split evenly across ranks (``padded_params`` in the result).
-The same code also runs on real tensors (``fake=False``): that is how the tests check that the
-fake tensors count the same bytes as real ones.
+Not executed: the model. No forward and no backward run, so there are no activations and no
+gradient values; a module only gives its parameter count.
 
-This module uses private torch APIs (``torch._subclasses.fake_tensor``,
-``torch.testing._internal.distributed.fake_pg``); they are checked when first used.
+Assigned by rule
+* What each stage keeps, in elements: parameters Ψ (stage 3: Ψ/N); gradients Ψ (stages 2-3:
+  Ψ/N); in mixed precision an fp32 master copy, Ψ/N (stage 0: Ψ). The bytes per element come
+  from ``precision``.
+* The category of every buffer is the label the code gives it; Adam's ``step`` counter is left
+  out, as in the ZeRO paper.
+* Padding: in stages 1-3 the flat buffers have ``padded_params`` = Ψ rounded up to a multiple
+  of N elements (fewer than N extra, at the end, in the last rank's shard), so that every shard
+  has the same size and every rank holds the same bytes. Stage 0 does not pad.
+
+Measured: the bytes of the storages behind the live buffers, read after the step (for the
+buffers above that is shape x dtype size; for Adam's state it is what torch's Adam allocated),
+and the most bytes live at once among those buffers (``unbucketed_peak``). ``collectives`` logs
+the size of each collective's full buffer from the shapes the code hands it.
+
+So the result equals ``labkit.theory.zero_memory`` applied to ``padded_params``, category by
+category: the rules are the formula's, and torch's Adam keeps the 8 bytes per parameter the
+formula assumes. Against the formula at Ψ it differs only by the padding (at most 16 bytes per
+padding element). The same code runs on real, uninitialised tensors with ``fake=False`` (still
+on the fake process group): that is how the tests check that fake tensors count the same bytes
+as real ones.
+
+The private torch APIs used here (``FakeTensorMode``, the fake process group's ``FakeStore``)
+come from ``labkit._torch_private``, which says which torch is needed when one is missing.
 """
 import contextlib
 import time
@@ -27,9 +59,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from labkit import theory
+from labkit import compat, theory
 
-CATEGORIES = ("params", "grads", "optimizer")   # model states; transient buffers count in `unbucketed_peak`
+CATEGORIES = ("params", "grads", "optimizer")  # model states; transients: `unbucketed_peak`
 PRECISIONS = {  # (dtype of the params and grads, optimizer-state bytes per parameter "K")
     "mixed": (torch.float16, 12),   # fp16 params and grads; fp32 master copy + Adam m and v
     "fp32": (torch.float32, 8),     # fp32 params and grads; Adam m and v (no master copy)
@@ -39,14 +71,16 @@ MIN_TORCH = "2.4"
 
 @dataclass
 class ZeroMemory:
-    """Bytes one rank holds after one ZeRO step (after ``optimizer.step()``, before zero_grad).
+    """Bytes one rank holds after one simulated ZeRO step (after ``optimizer.step()``, before
+    zero_grad); the module's docstring says which numbers are measured and which set by rule.
 
     ``params``, ``grads`` and ``optimizer`` are the model states of the ZeRO paper; Adam's 4-byte
     ``step`` counter is left out, as in the paper. ``unbucketed_peak`` is the most bytes live at
-    once during this simulated step, transient buffers included (gathered parameters, the full
-    gradient before its reduce-scatter, fp32 gradients for the update). It is NOT the peak of a
-    real ZeRO-2/3, which moves buckets and gathers layer by layer and so peaks far lower; it
-    shows what the fake tensors would have cost for real.
+    once among the buffers this step allocates, transient ones included (gathered parameters,
+    the full gradient before its reduce-scatter, fp32 gradients for the update); it leaves out
+    Adam's own temporaries inside ``step()`` and activations (no forward runs). It is NOT the
+    peak of a real ZeRO-2/3, which moves buckets and gathers layer by layer and so peaks far
+    lower; it shows what the fake tensors would have cost for real.
     """
     num_params: int
     padded_params: int    # num_params rounded up to a multiple of world_size (stages 1-3)
@@ -86,14 +120,19 @@ class ZeroMemory:
 
 def zero(model, world_size: int = 64, stage: int = 0, *, precision: str = "mixed",
          rank: int = 0, fake: bool = True) -> ZeroMemory:
-    """Simulate one ZeRO step (stage 0: plain data parallel) as rank ``rank`` of ``world_size``.
+    """One ZeRO step (stage 0: plain data parallel) as rank ``rank`` of ``world_size``: the
+    buffers that rank holds, allocated as fake tensors, the step's collectives on torch's fake
+    process group and torch's Adam on this rank's part; no forward or backward (see the module's
+    docstring for what is executed, measured and set by rule).
 
     ``model`` is a parameter count (``7.5e9``) or an ``nn.Module``, best built on the meta device
     (see ``mlp_stack``); only its parameter count is used, and every parameter counts as trainable.
     ``precision``: ``"mixed"`` (fp16 params and grads, fp32 master + Adam state: 16 bytes per
-    parameter) or ``"fp32"`` (plain fp32 Adam: also 16). ``fake=False`` uses real tensors, for
-    small models only. Runs in this process with a temporary fake default process group, so it
-    refuses to run where a process group already exists (e.g. inside a rank of labkit.launch).
+    parameter) or ``"fp32"`` (plain fp32 Adam: also 16). Stages 1-3 pad the parameter count up
+    to a multiple of ``world_size`` (``padded_params``). ``fake=False`` allocates real tensors,
+    for small models only. Runs in this process with a temporary fake default process group, so
+    it refuses to run where a process group already exists (e.g. inside a rank of
+    labkit.launch).
     """
     num_params = _count(model)
     if precision not in PRECISIONS:
@@ -209,10 +248,10 @@ def _collective(log, op, out, inp=None):
     """Run one collective on the (fake) default group; log the bytes of its full buffer."""
     if op == "all_reduce":
         dist.all_reduce(out)
-    elif op == "reduce_scatter":   # *_single are the torch >= 2.13 names of *_tensor
-        (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, inp)
+    elif op == "reduce_scatter":
+        compat.reduce_scatter_tensor(out, inp)
     else:
-        (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, inp)
+        compat.all_gather_into_tensor(out, inp)
     full = out if op != "reduce_scatter" else inp
     log.append((op, full.numel() * full.element_size()))
 
@@ -245,14 +284,11 @@ def _count(model) -> int:
 
 
 def _torch_fakes():
-    """Import the private torch pieces used here, or say which torch is needed."""
+    """torch's FakeTensorMode and FakeStore (importing it registers the "fake" backend), or an
+    error that says which torch is needed."""
     need = (f"labkit.simulate needs torch >= {MIN_TORCH} (tested with 2.13) for FakeTensorMode "
             f"and the fake process group; this is torch {torch.__version__}")
     if torch.__version__ < MIN_TORCH or not dist.is_available():
         raise RuntimeError(need)
-    try:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.testing._internal.distributed.fake_pg import FakeStore   # registers "fake"
-    except (ImportError, AttributeError) as e:
-        raise RuntimeError(f"{need} ({type(e).__name__}: {e})") from e
+    from labkit._torch_private import FakeStore, FakeTensorMode
     return FakeTensorMode, FakeStore

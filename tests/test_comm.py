@@ -319,8 +319,8 @@ def behaviour():
 
 def test_every_c10d_op_of_this_torch_is_mapped():
     import torch.distributed  # noqa: F401  (registers the c10d ops)
-    names = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names()
-             if n.startswith("c10d::")}
+    from labkit._torch_private import all_op_names
+    names = {n.split("::")[1] for n in all_op_names() if n.startswith("c10d::")}
     assert names, "no c10d ops registered"
     unmapped = names - set(comm._C10D_OPS) - comm._NOT_COMMUNICATION
     assert not unmapped, f"map these to course names in labkit.comm: {sorted(unmapped)}"

@@ -1,12 +1,18 @@
-"""labkit.MemoryTracer: exact bytes by category, peak, timeline, tags, DDP on 2 ranks, CUDA."""
+"""labkit.MemoryTracer: exact bytes by category, peak, timeline, tags, threads, DDP on 2 ranks,
+CUDA."""
+import gc
 import pickle
+import random
+import sys
+import threading
+import weakref
 
 import pytest
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 import labkit
+from labkit._torch_private import current_dispatch_mode as _get_current_dispatch_mode
 from labkit.memory import CATEGORIES, MemoryTracer
 
 PSI = 1_050_112  # parameters of Linear(1024, 512), ReLU, Linear(512, 1024)
@@ -171,6 +177,115 @@ def test_wrapper_subclasses_count_their_inner_tensors_and_sparse_is_skipped():
     assert isinstance(doubled, TwoTensor) and mem.current["params"] == 160
     assert mem.current["grads"] == 0  # sparse: no plain storage to count
     assert mem.current["other"] == 2 * 400 + 2 * 400  # pair and doubled, two storages each
+
+
+@pytest.fixture
+def frequent_thread_switches():
+    """Let the interpreter switch threads every microsecond, so that races show up reliably."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(interval)
+
+
+def test_books_stay_exact_when_threads_tag_save_and_free_the_same_storages(
+        frequent_thread_switches):
+    """Autograd, DDP's comm hook and gloo's callbacks run on threads of their own: here six
+    threads tag, save and release the same new storages at once, and the main thread frees
+    them. Without one lock, two threads made two entries for one storage (counted twice) or
+    read an entry another thread had not finished."""
+    threads, rounds, errors = 6, 150, []
+    mem = MemoryTracer()
+    kept = mem.tag(torch.empty(10), "params")
+    batch = []
+    start, done = (threading.Barrier(threads + 1, timeout=60) for _ in range(2))
+
+    def worker(seed):
+        rng = random.Random(seed)
+        try:
+            for _ in range(rounds):
+                start.wait()
+                for tensor in rng.sample(batch, len(batch)):  # all threads: the same storages
+                    saved = mem._pack(tensor)  # autograd saves it for backward...
+                    mem.tag(tensor, rng.choice(CATEGORIES))
+                    del saved  # ...and lets it go
+                done.wait()
+        except BaseException as error:  # noqa: B902 - reported below, barriers released
+            errors.append(error)
+            start.abort()
+            done.abort()
+
+    workers = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(threads)]
+    for thread in workers:
+        thread.start()
+    try:
+        for _ in range(rounds):
+            batch[:] = [torch.empty(n + 1) for n in range(8)]  # storages nobody has seen yet
+            start.wait()
+            done.wait()
+            batch.clear()  # freed on this thread while the workers' notes may still be queued
+    except threading.BrokenBarrierError:
+        pass
+    for thread in workers:
+        thread.join(timeout=60)
+    assert not errors, errors
+    assert mem.current == dict(dict.fromkeys(CATEGORIES, 0), params=kept.nbytes)
+
+
+def test_finalisers_that_garbage_collection_runs_inside_the_books_neither_hang_nor_miscount():
+    """A weak-reference callback fires wherever the collector happens to run: also inside the
+    tracer's own bookkeeping, on the thread that holds its lock (the bookkeeping allocates, and
+    any allocation may run the collector). The callback only leaves a note, so it neither waits
+    on that lock (a deadlock) nor changes the books halfway through an update. Here the
+    collector frees traced tensors in reference cycles while this thread holds the lock."""
+    def traced():
+        with MemoryTracer() as mem:
+            kept = torch.ones(100) * 2
+            for _ in range(3):
+                cycle = [mem.tag(torch.ones(64), "comm")]  # only the collector frees a cycle
+                cycle.append(cycle)
+                del cycle
+            with mem._lock:  # as if the bookkeeping had allocated and run the collector
+                assert gc.collect() > 0 and len(mem._notes) == 3  # noted, not booked yet
+            return mem.current, kept
+
+    result = []
+    runner = threading.Thread(target=lambda: result.append(traced()), daemon=True)
+    runner.start()
+    runner.join(timeout=60)
+    assert not runner.is_alive(), "the tracer deadlocked on a finaliser"
+    current, kept = result[0]
+    assert current == dict(dict.fromkeys(CATEGORIES, 0), other=kept.nbytes)
+
+
+def test_notes_waiting_to_be_booked_keep_no_memory_alive():
+    """A save is booked by the next op; until then the tracer must not hold the saved tensor,
+    or a graph dropped before that op would keep its memory (the tracer would change what it
+    measures)."""
+    with MemoryTracer():
+        y = torch.ones(1000, requires_grad=True).sigmoid()  # autograd saves y for backward
+        storage = weakref.ref(y.untyped_storage())
+        del y  # the graph goes, and with it the saved tensor
+        assert storage() is None
+
+
+def test_a_dead_storages_id_reused_before_its_death_is_booked():
+    """Deaths are booked after the fact, so a new storage can get the id (address) of one that
+    died a moment ago while the note is still queued: it must not inherit the old entry."""
+    mem = MemoryTracer()
+    with mem._lock:  # as inside an op: nothing books the notes meanwhile
+        old = torch.empty(1000)
+        mem._register(old.untyped_storage())
+        key = id(old.untyped_storage())
+        del old
+        for _ in range(1000):  # CPython reuses the freed object's memory for the next one
+            new = torch.empty(10)
+            if id(storage := new.untyped_storage()) == key:
+                break
+        else:
+            pytest.skip("the allocator did not reuse the address this time")
+        mem._register(storage)
+    assert mem.current["other"] == 40
 
 
 def ddp_memory():

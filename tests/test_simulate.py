@@ -204,7 +204,7 @@ def test_leaves_no_process_group_behind_even_on_error(monkeypatch):
 
 
 def test_refuses_and_leaves_an_existing_process_group_alone():
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from labkit._torch_private import FakeStore
     dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=2)
     try:
         group = dist.group.WORLD

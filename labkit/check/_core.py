@@ -248,9 +248,9 @@ _warm = False
 def _wait_for_fork_server() -> None:
     """Let the fork server finish starting before a check's clock runs, once per process.
 
-    After importing torch the fork server imports torch._dynamo (about 2 s), which the first op
-    under a CommCounter needs; ranks forked before that would import it themselves, spending
-    seconds of the learner's timeout on start-up. ``warm_up`` waits until the server has it.
+    The fork server imports torch (seconds, in a fresh kernel), then the extras that torch's DDP
+    and ZeRO need at their first use; ranks forked before that would import them themselves,
+    spending seconds of the learner's timeout on start-up. ``warm_up`` waits for both.
     """
     global _warm
     if _warm:

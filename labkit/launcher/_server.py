@@ -56,8 +56,8 @@ class ForkServer:
         raise RuntimeError(answer[1:].decode(errors="replace"))
 
     def wait_warm(self, deadline: float) -> None:
-        """Wait until the server has also imported the extras (torch._dynamo, for dispatch modes)."""
-        self._request(b"W", [], deadline, "to import torch._dynamo")
+        """Wait until the server has also imported the extras (torch._dynamo, for DDP and FSDP2)."""
+        self._request(b"W", [], deadline, "to import torch._dynamo and friends")
 
     def _request(self, request: bytes, fds, deadline: float, purpose: str) -> bytes:
         if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
@@ -133,8 +133,8 @@ def server_session() -> int | None:
 
 
 def warm_up(timeout: float = WARM_UP_TIMEOUT_S) -> None:
-    """Wait until the fork server is ready and has imported the extras, so a launch that traces
-    memory or communication pays no start-up inside its timeout (labkit.check uses this)."""
+    """Wait until the fork server is ready and has imported the extras, so a launch pays no
+    start-up inside its timeout, even one that uses DDP or FSDP2 (labkit.check uses this)."""
     fork_server().wait_warm(time.monotonic() + timeout)
 
 
