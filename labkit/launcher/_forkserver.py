@@ -269,7 +269,8 @@ def main(control_fd: int) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the OS reaps the ranks: no zombies
     control.sendall(frame(b"R"))
     server = Server(control, extras_loaded=False)
-    server.start_successor()
+    if not other_threads():  # a fork now could hang the successor; ranks get the clear refusal
+        server.start_successor()
     _serve(server)
 
 
