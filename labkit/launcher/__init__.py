@@ -4,7 +4,9 @@ Public names (also on ``labkit``): ``launch``, ``shutdown``, ``warm_up``, ``Laun
 ``LaunchTimeout``. How the pieces fit is in docs/launcher.md and docs/architecture.md:
 
     _launch       launch(): checks the call, starts the ranks, watches them, returns or raises
-    _watch        the watch loop: rank-tagged output, results, stacks of stuck ranks
+    _watch        the watch loop: every rank's pipes, deadlines, stacks of stuck ranks
+    _output       rank output in the cell: whole tagged lines, progress bars live
+    _results      a rank's result on its way back: size limit, its own time, the reader
     _ranks        starting (fork server or spawn), signalling and reaping rank processes
     _server       the client of the warm fork server: prestart, fork_rank, warm_up, shutdown
     _forkserver   the fork server process itself

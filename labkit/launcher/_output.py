@@ -25,7 +25,9 @@ def visible(raw: bytes) -> str:
 
 def redrawn(rest: bytes) -> str | None:
     """The current version of a line being redrawn with ``\\r``; None for plain unfinished text."""
-    return visible(rest) or None if b"\r" in rest else None
+    if b"\r" not in rest:
+        return None
+    return visible(rest) or None
 
 
 class Console:

@@ -31,6 +31,13 @@ def _read(path: str) -> str | None:
         return None
 
 
+def _number(path: str) -> int | None:
+    try:
+        return int(_read(path) or "")
+    except ValueError:  # missing or unreadable: no limit we can trust
+        return None
+
+
 def _v2_quota(text: str) -> float | None:
     """``cpu.max`` holds "QUOTA PERIOD" (microseconds) or "max PERIOD" (no limit)."""
     parts = text.split()
@@ -62,9 +69,10 @@ def cgroup_cpu_limit(root: str = "/") -> float | None:
         elif "cpu" in controllers.split(","):  # v1: "4:cpu,cpuacct:/docker/abc"
             for folder in (path.lstrip("/"), ""):
                 base = os.path.join(root, "sys/fs/cgroup", controllers, folder)
-                quota, period = (_read(os.path.join(base, f"cpu.cfs_{n}_us")) for n in ("quota", "period"))
-                if quota and period and int(quota) > 0 and int(period) > 0:
-                    limits.append(int(quota) / int(period))
+                quota, period = (_number(os.path.join(base, f"cpu.cfs_{n}_us"))
+                                 for n in ("quota", "period"))
+                if quota and period and quota > 0 and period > 0:  # quota -1: no limit
+                    limits.append(quota / period)
                     break
     return min(limits) if limits else None
 

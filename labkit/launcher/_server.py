@@ -64,6 +64,9 @@ class ForkServer:
             raise LaunchTimeout("TIMEOUT: another launch in this process kept labkit's fork "
                                 "server busy until this launch's timeout.")
         try:
+            if self._closed:  # another launch in this process closed it while this one waited
+                raise RuntimeError("labkit's fork server was restarted by another launch in this "
+                                   "process while this one waited; run the launch again.")
             self._greet(deadline)
             socket.send_fds(self._control, [request], list(fds))
             return self._answer(deadline, purpose)
