@@ -115,7 +115,10 @@ def compare(name, build, args):
     print(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{entries / args.steps:.0f} timeline entries per step")
     ratios = {label: row(label) for label in runs}
-    print(f"  traced peak {sorted(peaks)} B (same every repeat: {len(peaks) == 1})")
+    if len(peaks) == 1:
+        print(f"  traced peak {peaks.pop():,} B, the same in every repeat")
+    else:
+        print(f"  traced peak differs between repeats: {', '.join(f'{p:,}' for p in sorted(peaks))} B")
     verdict = "met" if ratios["traced"] <= TARGET else "NOT met"
     print(f"  target: traced wall time <= {TARGET}x untraced: {verdict} ({ratios['traced']:.2f}x;"
           f" the tracer's own share over the empty labkit mode: "

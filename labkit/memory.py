@@ -24,7 +24,8 @@ Categories are kept current as things happen, so recording a new peak costs a co
 numbers: tags when you set them; saves, releases and grads (a post-accumulate-grad hook) by the
 next op; parameters, grads and optimizer state you assign yourself when the tracer re-reads the
 owners, at each mark (start of the ``with``, end of each forward, start and end of each
-``optimizer.step()``, reading ``current``). Optimizer state is created inside ``step()``, where no
+``optimizer.step()``, reading ``current``; the end of a forward, which comes every step, re-reads
+parameters and grads only, on the modules found at the last other mark). Optimizer state is created inside ``step()``, where no
 hook sees it: found when ``step()`` returns, it counts as optimizer state from its creation in the
 peak too (the timeline shows what was known at each op).
 
@@ -94,9 +95,10 @@ def _op_storages(args, kwargs, out):
     try:
         found = []
         for item in args:
-            if type(item) is _TENSOR:
+            kind = type(item)
+            if kind is _TENSOR or kind is _PARAMETER:
                 found.append(item.untyped_storage())
-            elif type(item) not in _SCALARS:
+            elif kind not in _SCALARS:
                 found += _storages(item)
         if kwargs:
             found += _storages(kwargs)
@@ -173,6 +175,7 @@ class MemoryTracer:
         self._active, self._handles, self._contexts, self._phase = False, [], [], ""
         self.timeline, self.peak, self.peak_total, self.peak_event = [], {}, 0, None
         self.cuda_allocated = self.cuda_peak = self._final = None
+        self._param_dicts = None           # the models' modules' parameter dicts (_params)
 
     def tag(self, tensor, category="comm"):
         """Put ``category`` on the whole storage behind ``tensor`` (a tensor, a view, a list of
@@ -301,6 +304,26 @@ class MemoryTracer:
         """The entries of the storages behind the tensors (or storages) in ``obj``."""
         return [entry for entry in map(self._register, _storages(obj)) if entry is not None]
 
+    def _tensor_entries(self, tensors):
+        """``_entries`` of a flat list of tensors (or None), faster: marks read every parameter
+        and grad, and a plain tensor already booked at its size costs a lookup."""
+        live, found = self._live, []
+        for tensor in tensors:
+            kind = type(tensor)
+            if kind is _TENSOR or kind is _PARAMETER:
+                try:
+                    storage = tensor.untyped_storage()
+                except (RuntimeError, NotImplementedError):  # sparse: no storage we can see
+                    continue
+                entry = live.get(id(storage))
+                if entry is None or entry() is not storage or entry.nbytes != storage.nbytes():
+                    entry = self._register(storage)
+                if entry is not None:
+                    found.append(entry)
+            elif tensor is not None:
+                found += self._entries(tensor)
+        return found
+
     def _drop(self, entry):
         """Book the death of an entry's storage, once."""
         if self._live.get(entry.key) is entry:
@@ -323,17 +346,18 @@ class MemoryTracer:
                 self._book_grad(note[1])
 
     def _book_save(self, saved):
-        if saved is not None:  # None: released before it was booked, nothing to do
-            for entry in self._entries(saved.tensor)[:1]:
-                saved.entry, entry.saved = entry, entry.saved + 1
-                self._recategorize(entry)
+        if saved is None:  # released before it was booked, nothing to do
+            return
+        for entry in self._tensor_entries((saved.tensor,))[:1]:
+            saved.entry, entry.saved = entry, entry.saved + 1
+            self._recategorize(entry)
 
     def _book_release(self, entry):
         entry.saved -= 1
         self._recategorize(entry)
 
     def _book_grad(self, param):
-        for entry in self._entries(param.grad):
+        for entry in self._tensor_entries((param.grad,)):
             entry.role = entry.role or "grads"
             self._recategorize(entry)
 
@@ -342,34 +366,49 @@ class MemoryTracer:
         if category != entry.category and entry() is not None:
             self._move(entry, entry.nbytes, category)
 
-    def _params(self):
-        params = {id(p): p for model in self.models for p in model.parameters()}
+    def _params(self, rescan=True):
+        """Every parameter of the models and optimizers. ``rescan=False`` reuses the modules
+        found at the last scan (walking a deep model's tree is most of the cost of a mark); a
+        parameter set on one of them later, even a new one, is still found."""
+        if rescan or self._param_dicts is None:
+            self._param_dicts = [module._parameters for model in self.models
+                                 for module in model.modules()]
+        params = {id(p): p for owned in self._param_dicts for p in owned.values()
+                  if p is not None}
         params.update((id(p), p) for opt in self.optimizers
                       for group in opt.param_groups for p in group["params"])
         return list(params.values())
 
-    def _roles(self):
-        """{entry: role}, read from the owners: parameters, their grads, optimizer state."""
-        params = self._params()
-        owners = [("params", params), ("grads", [p.grad for p in params]),
-                  ("optimizer", [opt.state for opt in self.optimizers])]
+    def _roles(self, full=True):
+        """{entry: role}, read from the owners: parameters, their grads, optimizer state
+        (``full=False``: parameters and grads only, from the last scan's modules)."""
+        params = self._params(rescan=full)
         roles = {}
-        for role, objects in owners:
-            for entry in self._entries(objects):
+        for role, entries in (("params", self._tensor_entries(params)),
+                              ("grads", self._tensor_entries([p.grad for p in params]))):
+            for entry in entries:
                 roles.setdefault(entry, role)
+        if full:
+            for entry in self._entries([opt.state for opt in self.optimizers]):
+                roles.setdefault(entry, "optimizer")
         return roles
 
-    def _refresh(self):
+    def _refresh(self, full=True):
         """Re-read who owns what (parameters, their grads, optimizer state: new in step 1) and
-        every size (a learner may free a buffer with ``storage.resize_(0)``, as FSDP does)."""
-        roles = self._roles()
+        every size (a learner may free a buffer with ``storage.resize_(0)``, as FSDP does).
+        ``full=False`` (the end of a forward, on every step) keeps the optimizer roles, which
+        change only in ``step()``, and the modules of the last scan (see ``_params``)."""
+        roles = self._roles(full)
         for entry in list(self._live.values()):
             if (storage := entry()) is not None:
                 if storage.nbytes() != entry.nbytes:
                     self._resizable.add(entry)
                     self._move(entry, storage.nbytes(), entry.category)
-                if roles.get(entry) != entry.role:
-                    entry.role = roles.get(entry)
+                role = roles.get(entry)
+                if role is None and not full and entry.role == "optimizer":
+                    continue
+                if role != entry.role:
+                    entry.role = role
                     self._backdate(entry)
                     self._recategorize(entry)
 
@@ -431,7 +470,7 @@ class MemoryTracer:
 
     def _forward_ends(self, *_):
         self._phase = ""
-        self._marked("after forward")
+        self._marked("after forward", full=False)
 
     def _step_starts(self, *_):
         self._phase = "optimizer.step"
@@ -445,10 +484,10 @@ class MemoryTracer:
             self._marked("after optimizer.step")  # finds new state, backdates it (_backdate)
             self._step_seq = None
 
-    def _marked(self, event):
+    def _marked(self, event, full=True):
         with self._lock:
             self._settle()
-            self._refresh()
+            self._refresh(full)
             self._mark(event)
 
     def _grad_ready(self, param):

@@ -341,3 +341,61 @@ def test_cuda_traced_bytes_beside_torch_allocator():
           f" traced now {sum(mem.current.values()):,} B, allocated {mem.cuda_allocated:,} B")
     # The allocator rounds blocks up to 512 B and holds cuBLAS's workspace: never less.
     assert mem.cuda_peak >= mem.peak_total and mem.cuda_allocated >= sum(mem.current.values())
+
+
+def test_the_end_of_a_forward_rereads_params_and_grads_and_keeps_optimizer_state():
+    """The mark after each forward is cheap (parameters and grads only) yet still right: a
+    parameter given new data in the forward counts as params from then on, a grad set by hand as
+    grads, and the optimizer state found at the last full mark stays optimizer state."""
+    model, x = mlp()
+    optimizer = torch.optim.Adam(model.parameters())
+    train_step(model, optimizer, x)              # Adam's state exists before the with
+    first = model[0]
+    grown = torch.zeros(512, 1024)
+
+    def swap_in_new_data(module, args):
+        first.weight.data = grown                # a new storage, assigned inside the forward
+        first.bias.grad = torch.zeros(512)       # a grad written by hand, no hook sees it
+
+    handle = first.register_forward_pre_hook(swap_in_new_data)
+    with MemoryTracer(model, optimizer) as mem:
+        model(x)
+        after_forward = dict(mem.timeline[-1][2])
+    handle.remove()
+    state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values()
+                      for t in s.values())
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert mem.timeline[-1][0] == "exit" and after_forward["params"] == param_bytes
+    assert after_forward["grads"] >= 512 * 4 and after_forward["optimizer"] == state_bytes
+
+
+def test_a_dispatch_mode_does_not_see_the_tracers_own_detach():
+    """The tracer detaches many saved tensors; through the dispatch modes that would cost a
+    Python dispatch each. ``detach_unseen`` skips them, keeps what detach keeps (storage,
+    version counter), and leaves the thread's dispatch state as it found it."""
+    from labkit._torch_private import DispatchMode, detach_unseen
+
+    seen = []
+
+    class Watch(DispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    key = torch._C.DispatchKey.Python
+    x = torch.randn(4, requires_grad=True) * 2
+    with Watch():
+        alias = detach_unseen(x)
+        assert not torch._C._dispatch_tls_is_dispatch_key_excluded(key)
+        torch._C._dispatch_tls_set_dispatch_key_excluded(key, True)
+        try:
+            detach_unseen(x)                     # already excluded: stays excluded after
+            assert torch._C._dispatch_tls_is_dispatch_key_excluded(key)
+        finally:
+            torch._C._dispatch_tls_set_dispatch_key_excluded(key, False)
+        x.detach()                               # the normal detach is seen
+    assert seen == ["aten.detach.default"]
+    assert alias.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    assert not alias.requires_grad and alias._version == x._version
+    alias.add_(1)                                # in place through the alias: shared counter
+    assert x._version == alias._version == 1
