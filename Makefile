@@ -51,8 +51,9 @@ $(VENV)/test.stamp: pyproject.toml | torch
 install-lab: $(VENV)/lab.stamp
 install-test: $(VENV)/test.stamp
 
+# learner_lab_config.py hides notebooks/source (the solutions) from the learners' lab.
 lab: install-lab
-	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
+	$(VENV)/bin/jupyter lab notebooks/ --config=learner_lab_config.py $(if $(filter 0,$(shell id -u)),--allow-root)
 
 # Two pytest runs: tests/ one test at a time (the launcher tests are timing-sensitive), then the
 # solution notebooks in notebooks/source under nbval, two notebooks at a time (--dist loadfile

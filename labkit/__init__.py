@@ -10,7 +10,7 @@ the notebook does (see docs/architecture.md). The tools that need torch load on 
 """
 import importlib
 
-from labkit.launcher import LaunchError, LaunchTimeout, launch, shutdown, warm_up
+from labkit.launcher import LaunchError, LaunchTimeout, launch, shutdown, usable_cores, warm_up
 from labkit.launcher._server import prestart_if_wanted
 
 prestart_if_wanted()  # in a notebook: the fork server imports torch while the notebook does
@@ -29,6 +29,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'labkit' has no attribute {name!r}")
 
 
-__all__ = ["launch", "shutdown", "warm_up", "LaunchError", "LaunchTimeout", "MemoryTracer",
+__all__ = ["launch", "shutdown", "warm_up", "usable_cores", "LaunchError", "LaunchTimeout",
+           "MemoryTracer",
            "CommCounter", "theory", "simulate", "plots", "widgets", "check", "compat"]
 __version__ = "0.1.0"

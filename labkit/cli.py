@@ -33,8 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     grade.add_argument("--timeout-per-cell", type=float, default=120, metavar="S",
                        help="seconds a cell may run before it is interrupted (default 120)")
     grade.add_argument("--template", type=Path, metavar="PATH",
-                       help="released notebook, or folder of them, to restore the check cells "
-                       "from (default: the course's notebooks/ folder)")
+                       help="released notebook to restore the check cells from, or a folder "
+                       "of them: the one whose check cells match is used (default: the "
+                       "course's notebooks/ folder)")
     return parser
 
 
@@ -54,12 +55,10 @@ def _release(args) -> int:
 
 
 def _grade(args) -> int:
-    from labkit.grading import grade_notebook, table
-    grades = []
-    for number, path in enumerate(args.paths, 1):
-        if len(args.paths) > 1:
-            print(f"grading {path} ({number}/{len(args.paths)})", file=sys.stderr, flush=True)
-        grade = grade_notebook(path, args.template, args.timeout_per_cell)
+    from labkit.grading import Progress, grade_notebook, table
+    grades, progress = [], Progress(sys.stderr, notebooks=len(args.paths))
+    for path in args.paths:
+        grade = grade_notebook(path, args.template, args.timeout_per_cell, progress)
         grades.append(grade)
         if args.json:
             print(json.dumps(grade.as_json()), flush=True)

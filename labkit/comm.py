@@ -33,6 +33,11 @@ barrier        0 (torch's one-element token is not yours)            0
 other          every tensor among the op's arguments                 0 (not modelled)
 ============== ===================================================== ====================
 
+``peer`` (send and recv only, ``None`` for every other op): the GLOBAL rank the tensor goes to
+(send, isend) or comes from (recv, irecv), even when the op ran on a subgroup, whose ops name
+ranks within the group; ``None`` also for a recv from any source (``dist.recv(t)``), whose sender
+the op does not name.
+
 So payload is "the buffer the collective is about": an all-gather and a reduce-scatter of the same
 buffer show the same payload as an all-reduce of it, and ZeRO's claim "reduce-scatter + all-gather
 move what one all-reduce moves" reads straight off the wire column. ``wire_bytes`` is what this
@@ -61,16 +66,26 @@ from typing import NamedTuple, Optional
 import torch
 
 from labkit import theory
-from labkit._torch_private import DispatchMode, op_argument_names, op_name, unbox
+from labkit._torch_private import (DispatchMode, op_argument_default, op_argument_names,
+                                   op_name, unbox)
 
 
 class CommCall(NamedTuple):
-    """One collective on this rank (a plain tuple: it pickles, so a rank can return it)."""
+    """One collective on this rank (a plain tuple: it pickles, so a rank can return it).
+
+    ``peer``: for send / recv the global rank at the other end, else None (module docstring).
+    ``async_op``: True for a collective called with ``async_op=True`` (it returned a handle at
+    once), False for one that waited, None where the op does not say (send and recv: torch does
+    not tell ``send`` from ``isend``; functional collectives; DDP's own buckets, which are async).
+    Both come last, with defaults, so that code unpacking the first five fields still works.
+    """
     op: str
     payload_bytes: int
     wire_bytes: float
     seconds: Optional[float]
     world_size: int
+    peer: Optional[int] = None
+    async_op: Optional[bool] = None
 
 
 # raw op name -> (course name, the argument whose tensors are the payload). "<result>": the op's
@@ -153,7 +168,7 @@ class CommCounter(DispatchMode):
     @property
     def calls(self):
         """Every collective so far, a list of ``CommCall(op, payload_bytes, wire_bytes, seconds,
-        world_size)``."""
+        world_size, peer, async_op)``."""
         with self._lock:
             for index, clock in list(self._clocks.items()):
                 seconds = clock.read()
@@ -223,8 +238,7 @@ class CommCounter(DispatchMode):
         clock = _Clock(_first_tensor(named))
         result = func(*args, **kwargs)
 
-        group = named.get("process_group")
-        world_size, rank = _group_size_and_rank(group, named)
+        world_size, rank = _group_size_and_rank(named)
         if payload_arg is None:
             payload = 0
         elif payload_arg == "*":
@@ -235,13 +249,15 @@ class CommCounter(DispatchMode):
 
         with self._lock:
             index = len(self._calls)
-            self._calls.append(CommCall(op, payload, wire, None, world_size))
+            self._calls.append(CommCall(op, payload, wire, None, world_size,
+                                        _peer(op, named), _async_op(func, op, named)))
             self._clocks[index] = clock
         if func.namespace == "_c10d_functional":   # done when someone waits on the result
             if isinstance(result, torch.Tensor):
                 self._unwaited[id(result)] = (weakref.ref(result), index)
         else:
-            clock.stop_when_done(_work_of(result), synchronous=named.get("async_op") is False)
+            clock.stop_when_done(_work_of(result),
+                                 synchronous=_async_op(func, op, named) is False)
         return result
 
     def _wait_tensor(self, func, args, kwargs):
@@ -334,22 +350,48 @@ def _first_tensor(named):
     return next(_tensors(list(named.values())), None)
 
 
-def _group_size_and_rank(group, named):
+def _process_group(named):
+    """The ProcessGroup an op runs on: c10d ops carry it boxed, functional ones by name."""
+    group = named.get("process_group", named.get("group_name"))
+    if group is None or not isinstance(group, str):
+        return None if group is None else unbox(group, "ProcessGroup")
+    from labkit._torch_private import resolve_process_group
+    return resolve_process_group(group)
+
+
+def _group_size_and_rank(named):
     """(ranks in the op's group, this rank's index in it): subgroups count their own size."""
-    if group is not None:                       # c10d ops carry the ProcessGroup, boxed
-        pg = unbox(group, "ProcessGroup")
-        return pg.size(), pg.rank()
-    if "group_size" in named:                   # functional all-gather / reduce-scatter
+    if "process_group" not in named and "group_size" in named:   # functional gather / scatter
         return int(named["group_size"]), None
-    name = named.get("group_name")
-    if name is None:                            # an op we do not know: assume the whole world
+    pg = _process_group(named)
+    if pg is None:                              # an op we do not know: assume the whole world
         return torch.distributed.get_world_size(), torch.distributed.get_rank()
-    if not isinstance(name, str):
-        pg = unbox(name, "ProcessGroup")
-    else:
-        from labkit._torch_private import resolve_process_group
-        pg = resolve_process_group(name)
     return pg.size(), pg.rank()
+
+
+def _async_op(func, op, named):
+    """The ``async_op`` flag of a c10d collective (left out of the call when it has its
+    default, True); None for send and recv, and for ops that carry no such flag."""
+    flag = named.get("async_op", op_argument_default(func, "async_op"))
+    return None if op in ("send", "recv") or not isinstance(flag, bool) else flag
+
+
+def _peer(op, named):
+    """The global rank at the other end of a send / recv, None for other ops or any source.
+
+    Both c10d's ``dst``/``src`` and the functional ops' reach the backend as ranks within the
+    op's group (checked on torch 2.13), so a subgroup's are translated to global ranks.
+    """
+    if op not in ("send", "recv"):
+        return None
+    rank = named.get("dst", named.get("src"))
+    pg = _process_group(named)
+    if rank is None or pg is None:
+        return None
+    try:
+        return torch.distributed.get_global_rank(pg, int(rank))
+    except (ValueError, RuntimeError):          # a group torch did not register: unknown
+        return None
 
 
 def _work_of(result):

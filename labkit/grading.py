@@ -3,25 +3,33 @@
 For each submitted notebook:
 
 1. The grade cells and read-only cells (nbgrader ``grade: true`` or ``locked: true``, not solution
-   cells) are put back from the released learner notebook of the same file name, matched by
-   nbgrader ``grade_id``. A learner who edited a check cell, or pasted a passing output into it,
-   gets the original cell back. Outputs are cleared.
+   cells) are put back from the released learner notebook it came from, matched by nbgrader
+   ``grade_id``. A learner who edited a check cell, or pasted a passing output into it, gets the
+   original cell back. Outputs are cleared. The released notebook is found by content, not by
+   file name: in the template folder (default ``notebooks/``), the one whose check cells'
+   grade_ids best match the submission's, so ``00_setup-alice.ipynb`` is graded as ``00_setup``;
+   the file name only breaks a tie. No match, or a tie, is a grading error that says to name the
+   released notebook with ``--template``.
 2. The notebook runs top to bottom in a fresh kernel of *this* Python (like nbval's
-   ``--nbval-current-env``), errors allowed, with a per-cell timeout. A cell that times out is
-   interrupted; if the kernel does not answer again, it is killed and the remaining cells are
-   not run. A kernel that dies (``os._exit``, a crash) ends the run the same way.
+   ``--nbval-current-env``), errors allowed, with a per-cell timeout. The kernel listens on Unix
+   sockets (IPC) in a private temporary folder, not on TCP (Windows, which has no IPC: TCP). A
+   cell that times out is interrupted; if the kernel does not answer again, it is killed and the
+   remaining cells are not run. A kernel that dies (``os._exit``, a crash) ends the run the same
+   way. ``Progress`` shows where the run is on stderr (a line per code cell on a terminal).
 3. Each grade cell earns its points when it published a labkit check result
    (``application/vnd.labkit.check+json``), every such result says ``passed: true``, and the cell
    shows no error.
 
 A wrong, unfinished, hanging or crashing notebook is still graded; only a grading failure (the
-file is not a notebook, no released notebook to compare with, no kernel) is an error.
+file is not a notebook, no released notebook matches it, no kernel) is an error.
 """
 from __future__ import annotations
 
 import copy
 import importlib.util
 import json
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -67,6 +75,8 @@ class Grade:
     notebook: str
     exercises: list = field(default_factory=list)
     error: str | None = None     # set when grading itself failed
+    template: str | None = None  # the released notebook its check cells were restored from
+    manual_points: float = 0.0   # written answers (nbgrader manual cells): graded by hand
     seconds: float = 0.0
     executed: nbformat.NotebookNode | None = field(default=None, repr=False)
 
@@ -82,7 +92,8 @@ class Grade:
         return {"notebook": self.notebook, "score": _number(self.score),
                 "max_score": _number(self.max_score),
                 "exercises": [exercise.as_json() for exercise in self.exercises],
-                "error": self.error}
+                "error": self.error, "template": self.template,
+                "manual_points": _number(self.manual_points)}
 
 
 def _number(value: float):
@@ -98,18 +109,65 @@ def _is_autograded(cell) -> bool:
     return cell.cell_type == "code" and bool(meta.get("grade")) and not meta.get("solution")
 
 
-def find_template(notebook: Path, template: Path | None = None) -> Path:
-    """The released learner notebook to restore check cells from: ``template`` itself, or the
-    file of the same name in ``template`` (a folder), by default the course's ``notebooks/``."""
+def _is_manual(cell) -> bool:
+    """A written answer: nbgrader grades it by hand (solution and grade cell)."""
+    meta = _nbgrader(cell)
+    return bool(meta.get("grade")) and bool(meta.get("solution"))
+
+
+def _restored(cell) -> bool:
+    """A cell ``labkit grade`` puts back from the released notebook: grade or read-only."""
+    meta = _nbgrader(cell)
+    return bool(meta.get("grade") or meta.get("locked")) and not meta.get("solution") \
+        and "grade_id" in meta
+
+
+def _check_ids(nb) -> set:
+    """The grade_ids of the restored cells: together they say which assignment a notebook is."""
+    return {_nbgrader(cell)["grade_id"] for cell in nb.cells if _restored(cell)}
+
+
+def find_template(submission, name: str, template: Path | None = None) -> Path:
+    """The released learner notebook to restore ``submission``'s check cells from.
+
+    ``template`` itself when it is a file; else, of the notebooks in the folder ``template`` (by
+    default the course's ``notebooks/``), the one whose check cells' grade_ids best match the
+    submission's (the largest share of the ids either has in common), so a renamed copy still
+    finds its assignment. The file name ``name`` only breaks a tie.
+    """
     if template is None:
         from labkit.release import course_root
         template = course_root() / "notebooks"
     template = Path(template)
-    candidate = template / notebook.name if template.is_dir() else template
-    if not candidate.is_file():
-        raise GradingError(f"no released notebook {candidate} to restore {notebook.name}'s check "
-                           "cells from (use --template)")
-    return candidate
+    if template.is_file():
+        return template
+    if not template.is_dir():
+        raise GradingError(f"no released notebook at {template}: --template takes a released "
+                           "learner notebook or a folder of them")
+    ids = _check_ids(submission)
+    if not ids:
+        raise GradingError(f"no released notebook matches {name}: it has no check cells (no "
+                           "nbgrader grade_id in its cell metadata). Paste the learner's answers "
+                           "into a copy of the released notebook and grade that, or name the "
+                           "released notebook with --template PATH.ipynb")
+    matches = []
+    for path in sorted(template.glob("*.ipynb")):
+        theirs = _check_ids(_read(path))
+        if ids & theirs:
+            matches.append((len(ids & theirs) / len(ids | theirs), path))
+    if not matches:
+        shown = ", ".join(sorted(ids)[:3]) + (", ..." if len(ids) > 3 else "")
+        raise GradingError(f"no released notebook in {template} matches {name}: none has any of "
+                           f"its check cells ({shown}). Is it from this course? Name its "
+                           "released notebook with --template PATH.ipynb")
+    best = max(share for share, _ in matches)
+    tied = [path for share, path in matches if share == best]
+    tied = [path for path in tied if path.name == name] or tied
+    if len(tied) > 1:
+        raise GradingError(f"{name} matches {' and '.join(p.name for p in tied)} equally well "
+                           "(the same check cells); name the right one with --template "
+                           "PATH.ipynb")
+    return tied[0]
 
 
 def _read(path: Path) -> nbformat.NotebookNode:
@@ -122,9 +180,7 @@ def _read(path: Path) -> nbformat.NotebookNode:
 def restore_check_cells(submission, template) -> None:
     """Put the template's grade and read-only cells back, by grade_id, and clear all outputs.
     (A check cell the learner deleted stays deleted: ``score`` marks it missing.)"""
-    master = {_nbgrader(c)["grade_id"]: c for c in template.cells
-              if (_nbgrader(c).get("grade") or _nbgrader(c).get("locked"))
-              and not _nbgrader(c).get("solution") and "grade_id" in _nbgrader(c)}
+    master = {_nbgrader(c)["grade_id"]: c for c in template.cells if _restored(c)}
     for index, cell in enumerate(submission.cells):
         grade_id = _nbgrader(cell).get("grade_id")
         if grade_id in master:
@@ -141,8 +197,16 @@ def _error_output(ename: str, evalue: str) -> nbformat.NotebookNode:
     return nbformat.v4.new_output("error", ename=ename, evalue=evalue, traceback=[])
 
 
-def _client(nb, cwd: Path, timeout: float, sockets: str, replies: dict):
-    """An nbclient NotebookClient whose kernel is this Python, on Unix sockets in ``sockets``."""
+def kernel_transport() -> str:
+    """"ipc" (Unix sockets) where zmq has them, so the kernel opens no TCP port and ipykernel does
+    not warn that it runs over TCP without encryption; "tcp" on Windows, which has no IPC."""
+    import zmq
+    return "ipc" if os.name != "nt" and zmq.has("ipc") else "tcp"
+
+
+def _client(nb, cwd: Path, timeout: float, private: str, replies: dict):
+    """An nbclient NotebookClient whose kernel is this Python; its connection file (and its
+    sockets, on IPC) are in the private folder ``private``."""
     from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
     from jupyter_client.manager import AsyncKernelManager
     from nbclient import NotebookClient
@@ -155,9 +219,9 @@ def _client(nb, cwd: Path, timeout: float, sockets: str, replies: dict):
 
     class Client(NotebookClient):
         def create_kernel_manager(self):
-            # IPC transport in a private folder: no TCP port, nothing to eavesdrop on.
-            self.km = AsyncKernelManager(kernel_name="python3", transport="ipc",
-                                         ip=str(Path(sockets) / "kernel"),
+            # On IPC the sockets are files next to the connection file (kernel-ipc-<port>).
+            self.km = AsyncKernelManager(kernel_name="python3", transport=kernel_transport(),
+                                         connection_file=str(Path(private) / "kernel.json"),
                                          kernel_spec_manager=CurrentEnvSpecs())
             return self.km
 
@@ -170,15 +234,16 @@ def _client(nb, cwd: Path, timeout: float, sockets: str, replies: dict):
                   resources={"metadata": {"path": str(cwd)}}, on_cell_executed=keep_reply)
 
 
-def execute(nb, cwd: Path, timeout: float = DEFAULT_TIMEOUT) -> dict[int, str]:
-    """Run every code cell of ``nb`` in place; returns {cell index: why it was not run}."""
+def execute(nb, cwd: Path, timeout: float = DEFAULT_TIMEOUT, on_cell=None) -> dict[int, str]:
+    """Run every code cell of ``nb`` in place; returns {cell index: why it was not run}.
+    ``on_cell(number)`` is called before the code cell ``number`` (from 1) runs."""
     from nbclient.exceptions import DeadKernelError
 
     if importlib.util.find_spec("ipykernel") is None:
         raise GradingError(f"labkit grade needs ipykernel in {sys.executable}'s environment")
-    not_run, stopped, started, replies = {}, None, False, {}
-    with tempfile.TemporaryDirectory(prefix="labkit-grade-") as sockets:
-        client = _client(nb, cwd, timeout, sockets, replies)
+    not_run, stopped, started, replies, number = {}, None, False, {}, 0
+    with tempfile.TemporaryDirectory(prefix="labkit-grade-") as private:
+        client = _client(nb, cwd, timeout, private, replies)
         try:
             with client.setup_kernel():
                 started = True
@@ -186,6 +251,9 @@ def execute(nb, cwd: Path, timeout: float = DEFAULT_TIMEOUT) -> dict[int, str]:
                     if stopped:
                         not_run[index] = stopped
                         continue
+                    if cell.cell_type == "code" and on_cell is not None:
+                        number += 1
+                        on_cell(number)
                     try:
                         client.execute_cell(cell, index)
                     except DeadKernelError:
@@ -276,22 +344,79 @@ def score(executed, template, not_run: dict[int, str]) -> list[Exercise]:
     return exercises
 
 
-def grade_notebook(path, template=None, timeout_per_cell: float = DEFAULT_TIMEOUT) -> Grade:
-    """Grade one submitted notebook. Grading failures are returned in ``Grade.error``."""
+def grade_notebook(path, template=None, timeout_per_cell: float = DEFAULT_TIMEOUT,
+                   progress: Progress | None = None) -> Grade:
+    """Grade one submitted notebook. Grading failures are returned in ``Grade.error``.
+    ``progress``, when given, is told where the run is (the notebook takes a while)."""
     path, started = Path(path), time.monotonic()
     grade = Grade(notebook=str(path))
     try:
         submission = _read(path)
-        template_nb = _read(find_template(path, template))
+        found = find_template(submission, path.name, template)
+        grade.template, template_nb = str(found), _read(found)
         restore_check_cells(submission, template_nb)
-        not_run = execute(submission, path.resolve().parent, timeout_per_cell)
+        on_cell = None
+        if progress is not None:
+            on_cell = progress.start(path, found, sum(c.cell_type == "code"
+                                                      for c in submission.cells))
+        not_run = execute(submission, path.resolve().parent, timeout_per_cell, on_cell)
         grade.exercises, grade.executed = score(submission, template_nb, not_run), submission
+        grade.manual_points = sum(float(_nbgrader(c).get("points", 0))
+                                  for c in template_nb.cells if _is_manual(c))
     except GradingError as error:
         grade.error = str(error)
     except Exception as error:  # a bug or an environment problem: still report, never hang
         grade.error = f"grading failed: {type(error).__name__}: {error}"
     grade.seconds = time.monotonic() - started
+    if progress is not None:
+        progress.end(grade)
     return grade
+
+
+class Progress:
+    """Where ``labkit grade`` is, on ``stream`` (stderr), since a notebook runs for a while.
+
+    On a terminal, one line redrawn before each code cell ("grading alice.ipynb: cell 7/30");
+    elsewhere (a log, CI) no per-cell noise: one line when a notebook starts, naming the released
+    notebook it is graded against, and, in both cases, one when it ends with its score.
+    """
+
+    def __init__(self, stream=None, notebooks: int = 1):
+        self.stream = stream if stream is not None else sys.stderr
+        self.live = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.notebooks, self.done, self._drawn = notebooks, 0, 0
+
+    def _show(self, text: str, final: bool = True) -> None:
+        """Write a line; on a terminal a non-final one stays open, to be drawn over."""
+        if self.live:
+            width = shutil.get_terminal_size().columns - 1  # one row, or "\r" cannot reach it
+            if not final and len(text) > width:
+                text = "…" + text[1 - width:]
+            padded = "\r" + text.ljust(self._drawn)  # cover the longer line drawn before
+            self._drawn = 0 if final else len(text)
+            text = padded
+        self.stream.write(text if self.live and not final else text + "\n")
+        self.stream.flush()
+
+    def start(self, path, template, cells: int):
+        """A notebook starts: returns the callback ``execute`` calls before each code cell."""
+        count = f" ({self.done + 1}/{self.notebooks})" if self.notebooks > 1 else ""
+        head = f"grading {path}{count}"
+        if not self.live:
+            self._show(f"{head} against {Path(template).name}: {cells} code cells")
+
+        def on_cell(number: int) -> None:
+            if self.live:
+                self._show(f"{head}: cell {number}/{cells}", final=False)
+        return on_cell
+
+    def end(self, grade: Grade) -> None:
+        self.done += 1
+        if grade.error:
+            self._show(f"could not grade {grade.notebook}: {grade.error}")
+        else:
+            self._show(f"graded {grade.notebook}: {_fmt(grade.score)}/{_fmt(grade.max_score)} "
+                       f"against {Path(grade.template).name} in {grade.seconds:.0f} s")
 
 
 def _fmt(value: float) -> str:
@@ -307,6 +432,9 @@ def table(grades: list[Grade]) -> str:
                   " ".join((e.hint or ("" if e.passed else e.status)).split()))
                  for e in grade.exercises]
         rows.append(("total", f"{_fmt(grade.score)}/{_fmt(grade.max_score)}", "", ""))
+        if grade.manual_points:
+            rows.append(("written answers", f"-/{_fmt(grade.manual_points)}", "",
+                         "not scored here: graded by hand (nbgrader's formgrader)"))
     else:
         rows = [("notebook", "score", "not passed")]
         for g in grades:

@@ -195,6 +195,22 @@ def collective_time(op: str, size_bytes: float, world_size: int, alpha: float,
     return steps * alpha + factor * size_bytes * beta
 
 
+def ring_steps(op: str, world_size: int) -> int:
+    """Message steps of one collective under the ring algorithms: 2(N-1) for an all-reduce,
+    N-1 for a reduce-scatter or an all-gather (the latency term of ``collective_time``)."""
+    _check_op(op, _RING_STEPS)
+    _check_world_size(world_size)
+    return 0 if world_size == 1 and op not in _POINT_TO_POINT else _RING_STEPS[op](world_size)
+
+
+def busbw_factor(op: str, world_size: int) -> float:
+    """busbw / algbw for one collective (nccl-tests doc/PERFORMANCE.md): 2(n-1)/n for an
+    all-reduce, (n-1)/n for a reduce-scatter or an all-gather, 1 for a broadcast."""
+    _check_op(op, _BUS_FACTOR)
+    _check_world_size(world_size)
+    return _BUS_FACTOR[op](world_size)
+
+
 def algbw(size_bytes: float, seconds: float) -> float:
     """Algorithm bandwidth in bytes/s: S / t (nccl-tests doc/PERFORMANCE.md)."""
     if seconds <= 0:

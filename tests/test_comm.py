@@ -137,16 +137,17 @@ ELEMS = 12                     # float32 -> 48 bytes, divisible by 3 for the sca
 
 
 def counted(fn):
-    """(op, payload, wire, world_size) of each collective fn runs; whether every time is known."""
+    """(op, payload, wire, world_size, peer) of each op fn runs; whether every time is known."""
     with CommCounter() as ledger:
         fn()
     calls = ledger.calls
-    return [(c.op, c.payload_bytes, c.wire_bytes, c.world_size) for c in calls], \
+    return [(c.op, c.payload_bytes, c.wire_bytes, c.world_size, c.peer) for c in calls], \
         all(c.seconds is not None for c in calls)
 
 
 def primitives():
     from torch.distributed._functional_collectives import all_reduce as functional_all_reduce
+    from torch.distributed._functional_collectives import irecv_inplace, isend_inplace, wait_tensor
     rank, n = dist.get_rank(), dist.get_world_size()
     x = torch.full((ELEMS,), float(rank))
     out = {}
@@ -176,8 +177,36 @@ def primitives():
             dist.recv(torch.empty(ELEMS), src=0)
     out["send_recv"] = counted(point_to_point)
 
+    def ring_shift():                        # send right, receive from the left
+        request = dist.isend(x, (rank + 1) % n)
+        dist.recv(torch.empty(ELEMS), (rank - 1) % n)
+        request.wait()
+    out["ring_shift"] = counted(ring_shift)
+
+    def functional_ring_shift():
+        sent = isend_inplace(x.clone(), (rank + 1) % n)
+        received = irecv_inplace(torch.empty(ELEMS), (rank - 1) % n)
+        wait_tensor(sent), wait_tensor(received)
+    out["functional_ring_shift"] = counted(functional_ring_shift)
+
+    def from_any_source():
+        if rank == 0:
+            dist.send(x, dst=2)
+        elif rank == 2:
+            dist.recv(torch.empty(ELEMS))    # src=None: the op does not name the sender
+    out["any_source"] = counted(from_any_source)
+
     pair = dist.new_group([0, 1])            # every rank must create it; ranks 0, 1 use it
     out["subgroup"] = counted(lambda: dist.all_reduce(x.clone(), group=pair) if rank < 2 else None)
+
+    tail = dist.new_group([1, 2])            # its group ranks 0, 1 are global ranks 1, 2
+
+    def subgroup_send():                     # dist takes global ranks; the op carries 1 and 0
+        if rank == 1:
+            dist.send(x, dst=2, group=tail)
+        elif rank == 2:
+            dist.recv(torch.empty(ELEMS), src=1, group=tail)
+    out["subgroup_send"] = counted(subgroup_send)
     return out
 
 
@@ -209,22 +238,43 @@ def test_each_primitive_exact_payload_and_wire(prims, name):
     for rank, results in enumerate(prims):
         calls, timed = results[name]
         assert len(calls) == 1, (rank, calls)
-        got_op, got_payload, got_wire, world = calls[0]
-        assert (got_op, got_payload, world) == (op, payload, N3), (rank, calls)
+        got_op, got_payload, got_wire, world, peer = calls[0]
+        assert (got_op, got_payload, world, peer) == (op, payload, N3, None), (rank, calls)
         assert got_wire == pytest.approx(wire, rel=1e-12), (rank, calls)
         assert timed, f"rank {rank}: {name} finished but its time is unknown"
 
 
 def test_send_counts_wire_bytes_and_recv_none(prims):
     # times: None on gloo, whose send/recv Work has no future to watch (see labkit.comm)
-    assert prims[0]["send_recv"] == ([("send", S, float(S), N3)], False)
-    assert prims[1]["send_recv"] == ([("recv", S, 0.0, N3)], False)
+    assert prims[0]["send_recv"] == ([("send", S, float(S), N3, 1)], False)
+    assert prims[1]["send_recv"] == ([("recv", S, 0.0, N3, 0)], False)
     assert prims[2]["send_recv"] == ([], True)
+
+
+@pytest.mark.parametrize("name", ["ring_shift", "functional_ring_shift"])
+def test_a_ring_shift_records_each_sends_and_recvs_peer(prims, name):
+    for rank, results in enumerate(prims):
+        calls, _ = results[name]
+        assert calls == [("send", S, float(S), N3, (rank + 1) % N3),
+                         ("recv", S, 0.0, N3, (rank - 1) % N3)], (rank, calls)
+
+
+def test_a_subgroup_send_records_global_ranks_and_any_source_none(prims):
+    assert prims[1]["subgroup_send"][0] == [("send", S, float(S), 2, 2)]
+    assert prims[2]["subgroup_send"][0] == [("recv", S, 0.0, 2, 1)]
+    assert prims[0]["subgroup_send"] == ([], True)
+    assert prims[0]["any_source"][0] == [("send", S, float(S), N3, 2)]
+    assert prims[2]["any_source"][0] == [("recv", S, 0.0, N3, None)]
+
+
+def test_comm_call_keeps_its_five_positional_fields():
+    call = CommCall("all_reduce", S, 2.0 * S, None, 2)
+    assert call.peer is None and tuple(call)[:5] == ("all_reduce", S, 2.0 * S, None, 2)
 
 
 def test_subgroup_ops_use_the_subgroup_size(prims):
     for rank in (0, 1):
-        assert prims[rank]["subgroup"] == ([("all_reduce", S, 2 * 1 / 2 * S, 2)], True)
+        assert prims[rank]["subgroup"] == ([("all_reduce", S, 2 * 1 / 2 * S, 2, None)], True)
     assert prims[2]["subgroup"] == ([], True)     # not a member: torch issues nothing
 
 

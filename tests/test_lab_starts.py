@@ -1,10 +1,13 @@
 """`make lab` opens JupyterLab on the course: the server starts from this environment and serves
-the notebooks folder with a Python kernel."""
+the notebooks folder with a Python kernel, without the instructor sources in notebooks/source."""
+import glob
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -12,14 +15,24 @@ import urllib.request
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = os.path.join(ROOT, "notebooks")
+TOKEN = "labkit-test"
 
 
-def test_make_lab_names_the_notebooks_folder_and_allows_root():
+def _make_lab_args() -> list[str]:
+    """The arguments `make lab` passes to `jupyter lab`, read from make's plan (make -n)."""
     plan = subprocess.run(["make", "-n", "lab"], cwd=ROOT, capture_output=True, text=True,
                           timeout=60).stdout
     command = [line for line in plan.splitlines() if "jupyter lab" in line]
-    assert command and "notebooks/" in command[-1]
-    assert ("--allow-root" in command[-1]) == (os.geteuid() == 0)
+    assert command, f"make -n lab runs no jupyter lab:\n{plan}"
+    words = shlex.split(command[-1])
+    return words[words.index("lab") + 1:]
+
+
+def test_make_lab_names_the_notebooks_folder_and_allows_root():
+    args = _make_lab_args()
+    assert "notebooks/" in args
+    assert ("--allow-root" in args) == (os.geteuid() == 0)
 
 
 def _get_when_listening(url: str, wait_s: float = 30) -> bytes:
@@ -34,13 +47,13 @@ def _get_when_listening(url: str, wait_s: float = 30) -> bytes:
             time.sleep(0.2)
 
 
-def test_jupyterlab_serves_the_course_with_a_python_kernel():
-    args = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
-            "--ServerApp.port=0", f"--ServerApp.root_dir={os.path.join(ROOT, 'notebooks')}",
-            "--ServerApp.token=labkit-test"]
-    if os.geteuid() == 0:
-        args.append("--allow-root")
-    server = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+@pytest.fixture(scope="module")
+def lab():
+    """The base URL of a JupyterLab started as `make lab` starts it, on a free local port."""
+    args = [sys.executable, "-m", "jupyterlab", *_make_lab_args(), "--no-browser",
+            "--ServerApp.ip=127.0.0.1", "--ServerApp.port=0", f"--IdentityProvider.token={TOKEN}"]
+    server = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                              text=True)
     try:
         port, deadline = None, time.monotonic() + 90
         while port is None and time.monotonic() < deadline:
@@ -50,15 +63,44 @@ def test_jupyterlab_serves_the_course_with_a_python_kernel():
             match = re.search(r"http://127\.0\.0\.1:([1-9]\d*)/lab", line)
             port = int(match.group(1)) if match else None
         assert port, "jupyter lab did not start within 90 s"
+        # Keep reading the server's log, so that a full pipe never blocks it.
+        threading.Thread(target=server.stderr.read, daemon=True).start()
         base = f"http://127.0.0.1:{port}"
-        page = _get_when_listening(f"{base}/lab?token=labkit-test").decode()
-        assert "JupyterLab" in page
-        specs = json.loads(urllib.request.urlopen(f"{base}/api/kernelspecs?token=labkit-test",
-                                                  timeout=30).read())
-        assert "python3" in specs["kernelspecs"]
-        listing = json.loads(urllib.request.urlopen(f"{base}/api/contents?token=labkit-test",
-                                                    timeout=30).read())
-        assert "README.md" in {item["name"] for item in listing["content"]}
+        _get_when_listening(f"{base}/api/status?token={TOKEN}")
+        yield base
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, b""
+
+
+def test_jupyterlab_serves_the_course_with_a_python_kernel(lab):
+    status, page = _get(f"{lab}/lab?token={TOKEN}")
+    assert status == 200 and "JupyterLab" in page.decode()
+    specs = json.loads(_get(f"{lab}/api/kernelspecs?token={TOKEN}")[1])
+    assert "python3" in specs["kernelspecs"]
+
+
+def test_the_learners_lab_lists_the_learner_notebooks_and_hides_the_sources(lab):
+    learner_files = {os.path.basename(p) for p in glob.glob(os.path.join(NOTEBOOKS, "*.ipynb"))}
+    source = "source/00_setup.ipynb"
+    assert learner_files and os.path.isfile(os.path.join(NOTEBOOKS, source))
+
+    status, body = _get(f"{lab}/api/contents?token={TOKEN}")
+    assert status == 200
+    listed = {item["name"] for item in json.loads(body)["content"]}
+    assert learner_files | {"README.md"} <= listed
+    assert "source" not in listed
+
+    # A learner notebook opens; the source behind it does not, by the contents API or by URL.
+    assert _get(f"{lab}/api/contents/00_setup.ipynb?token={TOKEN}")[0] == 200
+    for url in (f"{lab}/api/contents/{source}", f"{lab}/api/contents/source",
+                f"{lab}/files/{source}"):
+        assert _get(f"{url}?token={TOKEN}")[0] in (403, 404), url

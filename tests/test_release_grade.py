@@ -12,6 +12,7 @@ follows the labkit check protocol) is released to ``tests/fixtures/toy.ipynb``; 
 notebooks are covered by the tests parametrized over ``notebooks/source/*.ipynb``.
 """
 import copy
+import io
 import json
 import os
 import shutil
@@ -57,6 +58,16 @@ def toy_submission(folder: Path, **sources) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, folder / "toy.ipynb")
     return folder / "toy.ipynb"
+
+
+def foreign_notebook(path: Path) -> Path:
+    """A notebook with nbgrader check cells of no assignment of this course."""
+    nb = nbformat.read(TOY, as_version=4)
+    for cell in nb.cells:
+        if "nbgrader" in cell.metadata:
+            cell.metadata.nbgrader.grade_id = "elsewhere-" + cell.metadata.nbgrader.grade_id
+    nbformat.write(nb, path)
+    return path
 
 
 def statuses(grade):
@@ -163,12 +174,95 @@ def test_grade_table_and_exit_status_when_grading_fails(tmp_path):
     assert run.stdout.split("\n")[0].split() == ["exercise", "points", "passed", "hint"]
     assert run.stdout.splitlines()[-1].split() == ["total", "3/3"]
     (tmp_path / "junk.ipynb").write_text("not json")
-    shutil.copy(TOY, tmp_path / "other.ipynb")
+    foreign_notebook(tmp_path / "other.ipynb")
     run = labkit_cli("grade", "--json", "--template", FIXTURES, tmp_path / "junk.ipynb",
                      tmp_path / "other.ipynb")
     assert run.returncode == 1
     junk, other = [json.loads(line) for line in run.stdout.splitlines()]
     assert "cannot read" in junk["error"] and "no released notebook" in other["error"]
+    assert "could not grade" in run.stderr and "other.ipynb" in run.stderr
+
+
+def test_a_renamed_submission_is_graded_against_its_released_notebook(tmp_path):
+    # named like another released notebook, and not like its own: the content decides
+    released = tmp_path / "released"
+    released.mkdir()
+    shutil.copy(FIXTURES / "toy.ipynb", released / "toy.ipynb")
+    shutil.copy(NOTEBOOKS / "00_setup.ipynb", released / "00_setup.ipynb")
+    renamed = tmp_path / "alice" / "00_setup.ipynb"
+    renamed.parent.mkdir()
+    shutil.copy(TOY, renamed)
+    run = labkit_cli("grade", "--json", "--template", released, renamed)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert (result["score"], result["max_score"], result["error"]) == (3, 3, None)
+    assert result["template"] == str(released / "toy.ipynb")
+    # not a terminal: one line when the notebook starts and one when it ends, nothing per cell
+    code_cells = sum(c.cell_type == "code" for c in nbformat.read(TOY, as_version=4).cells)
+    lines = [line for line in run.stderr.splitlines() if "grad" in line]
+    assert lines == [f"grading {renamed} against toy.ipynb: {code_cells} code cells",
+                     lines[1]], run.stderr
+    assert lines[1].startswith(f"graded {renamed}: 3/3 against toy.ipynb in "), run.stderr
+
+
+@pytest.mark.parametrize("name", names(SOURCES))
+def test_each_course_notebook_is_found_by_its_check_cells(name):
+    solution = nbformat.read(NOTEBOOKS / "source" / name, as_version=4)
+    assert grading.find_template(solution, f"{Path(name).stem}-alice.ipynb") == NOTEBOOKS / name
+    assert grading.find_template(solution, "01_anything.ipynb") == NOTEBOOKS / name
+
+
+def test_a_notebook_from_no_assignment_gets_an_error_that_says_what_to_do(tmp_path):
+    grade = grading.grade_notebook(foreign_notebook(tmp_path / "toy.ipynb"), FIXTURES)
+    assert grade.error.startswith(f"no released notebook in {FIXTURES} matches toy.ipynb")
+    assert "--template" in grade.error and grade.exercises == []
+    bare = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")])
+    nbformat.write(bare, tmp_path / "bare.ipynb")
+    grade = grading.grade_notebook(tmp_path / "bare.ipynb", FIXTURES)
+    assert "no released notebook matches bare.ipynb: it has no check cells" in grade.error
+    assert "copy of the released notebook" in grade.error
+
+
+def test_two_released_notebooks_with_the_same_check_cells_are_told_apart_by_name(tmp_path):
+    for name in ("toy.ipynb", "toy_v2.ipynb"):
+        shutil.copy(FIXTURES / "toy.ipynb", tmp_path / name)
+    submission = nbformat.read(TOY, as_version=4)
+    assert grading.find_template(submission, "toy_v2.ipynb", tmp_path) == tmp_path / "toy_v2.ipynb"
+    with pytest.raises(grading.GradingError, match="matches toy.ipynb and toy_v2.ipynb equally "
+                       "well .* name the right one with --template"):
+        grading.find_template(submission, "mine.ipynb", tmp_path)
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_on_a_terminal_the_progress_line_counts_the_cells(tmp_path, monkeypatch):
+    path = toy_submission(tmp_path)
+    screen = Terminal()
+    monkeypatch.setenv("COLUMNS", "300")
+    grade = grading.grade_notebook(path, FIXTURES, progress=grading.Progress(screen))
+    assert grade.score == 3, grade.error
+    code_cells = sum(c.cell_type == "code" for c in nbformat.read(path, as_version=4).cells)
+    drawn = screen.getvalue().split("\r")
+    assert [d.rstrip() for d in drawn[1:-1]] == [f"grading {path}: cell {n}/{code_cells}"
+                                                 for n in range(1, code_cells + 1)]
+    assert drawn[-1].startswith(f"graded {path}: 3/3 against toy.ipynb in ")
+    assert drawn[-1].endswith(" s\n") and screen.getvalue().count("\n") == 1
+    monkeypatch.setenv("COLUMNS", "40")  # a narrow terminal: one row, the count kept
+    progress = grading.Progress(Terminal())
+    progress.start(path, FIXTURES / "toy.ipynb", code_cells)(2)
+    assert progress.stream.getvalue() == "\r…" + f"{path}: cell 2/{code_cells}"[-38:]
+
+
+def test_the_kernel_runs_on_ipc_without_the_unencrypted_tcp_warning(tmp_path, monkeypatch):
+    assert grading.kernel_transport() == ("tcp" if os.name == "nt" else "ipc")
+    run = labkit_cli("grade", "--template", FIXTURES, toy_submission(tmp_path))
+    assert run.returncode == 0 and run.stdout.splitlines()[-1].split() == ["total", "3/3"]
+    assert "without encryption" not in run.stdout + run.stderr, run.stderr
+    monkeypatch.setattr(grading.os, "name", "nt")   # Windows has no IPC: TCP there
+    assert grading.kernel_transport() == "tcp"
 
 
 def test_grade_restores_edited_and_pasted_check_cells(tmp_path):
@@ -268,6 +362,13 @@ def test_solution_notebook_gets_full_marks(name, record_property):
     record_property("notebook_run_s", round(grade.seconds, 1))
     assert grade.error is None, grade.error
     assert grade.score == grade.max_score, grading.table([grade])
+    # written answers are counted for the instructor, never scored by labkit grade
+    written = [c for c in nbformat.read(NOTEBOOKS / name, 4).cells
+               if c.metadata.get("nbgrader", {}).get("solution")
+               and c.metadata.get("nbgrader", {}).get("grade")]
+    assert all(c.cell_type == "markdown" for c in written)
+    assert grade.manual_points == sum(c.metadata["nbgrader"]["points"] for c in written)
+    assert ("written answers" in grading.table([grade])) == bool(written)
 
 
 # --- real nbgrader -------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
-"""The graders behind the notebooks' exercises.
+"""The graders behind the notebooks' exercises, and hints on request.
 
 A notebook's check cell passes the learner's function to its check::
 
     result = labkit.check.ring_all_reduce(ring_all_reduce)
 
-The check runs the function on N ranks against an independent reference computed in the same
-run (torch's own collective, or a formula), prints one line and returns a ``CheckResult``::
+The check runs the function on N ranks, on inputs drawn afresh in the notebook for every run,
+against an independent reference computed there (a float64 sum, torch's own collective, or a
+formula), reads the mechanism from each rank's ``CommCounter`` ledger (which ops, how many
+bytes, to which rank), prints one line and returns a ``CheckResult``::
 
     ✓ ring_all_reduce: matches dist.all_reduce on 2, 3, 4 ranks ... (the measured figures)
     ✗ ring_all_reduce: <a hint that names the likely bug>
@@ -15,20 +17,53 @@ It never raises for a wrong or unfinished exercise, so "Run all" reaches the end
 notebook; a deadlock or crash on the ranks is stopped after a few seconds and becomes a hint.
 The hidden nbgrader test is ``assert result.passed, result.hint``. In a Jupyter kernel the
 result is also published as display data of type ``application/vnd.labkit.check+json``
-(name, passed, status, hint, figures), which ``labkit grade`` reads.
+(name, passed, status, hint, figures), which ``labkit grade`` reads. A summary shows a measured
+figure that answers a prediction only once the learner has made that prediction.
 
-| notebook | check | the learner's function |
-|---|---|---|
-| 00 | ``sum_of_ranks`` | ``sum_of_ranks() -> float`` |
-| 01 | ``ring_all_reduce`` | ``ring_all_reduce(tensor) -> None`` (in place, send/recv only) |
-| 01 | ``all_reduce_via_rs_ag`` | ``all_reduce_via_rs_ag(tensor) -> None`` (in place) |
+A learner who is stuck asks for hints, one level at a time (1 a nudge, the last nearly the
+answer): ``labkit.check.hint("ring_all_reduce", 1)``.
 
+| nb | check | the learner's function | values | the ledger |
+|---|---|---|---|---|
+| 00 | ``sum_of_ranks`` | ``() -> float`` | N(N-1)/2 on every rank | a collective, data |
+| 01 | ``ring_all_reduce`` | ``(tensor) -> None`` | the sum on every rank | ring, 2(N-1) steps |
+| 01 | ``ring_reduce_scatter`` | ``(tensor) -> None`` | rank r: chunk r summed | ring, N-1 steps |
+| 01 | ``ring_all_gather`` | ``(tensor) -> None`` | every chunk, everywhere | ring, N-1 steps |
+| 01 | ``all_reduce_while_computing`` | ``(tensors, compute)`` | sums on return | async, open |
+| 01 | ``all_reduce_via_rs_ag`` | ``(tensor) -> None`` | the sum on every rank | one RS, one AG |
+| 00, 01 | predictions | ``predicted_sum(n)``, ... | the formula | (no ranks) |
+
+The predictions (``predictions.py``: ``predicted_sum``, ``ring_sends_per_rank``,
+``ring_bytes_per_rank``, ``all_reduce_time``, ``crossover_size``, ``algbw_from_busbw``) call the
+learner's formula on a grid of inputs, compare with ``labkit.theory`` and name the usual mistake
+without giving the formula away.
+
+The tensor functions work in place; chunks are ``torch.tensor_split(tensor, N)``. "A ring": only
+send/recv (no collective), rank r sending only to (r + 1) % N and receiving only from (r - 1) % N,
+every message one chunk (floor or ceil of S/N elements), one send and one receive per step. The
+ring checks run 1, 7, 12, 64, 1000 float32 and 12 float64 elements on 2, 3, 4 ranks.
+``ring_reduce_scatter`` then ``ring_all_gather`` is a ring all-reduce and passes that check.
+``all_reduce_via_rs_ag`` is a demo in notebook 01 now; the two ring phases replaced it there.
 Each check takes ``timeout=`` (seconds per launch, default 10). How a grader works is meant to
-be read: ``nb00_setup.py``, ``nb01_collectives.py``; the shared machinery is ``_core.py``.
+be read: ``nb00_setup.py``, ``nb01_collectives.py``, ``nb01_ring_phases.py``,
+``nb01_async.py``, ``predictions.py``; the ring in the ledger is ``_ring.py``, the cases and
+inputs ``_allreduce.py``, the shared machinery ``_core.py``.
 """
 from labkit.check._core import (FAILED, MIMETYPE, NOT_IMPLEMENTED, PASSED, CheckResult)
+from labkit.check._hints import hint
 from labkit.check.nb00_setup import sum_of_ranks
 from labkit.check.nb01_collectives import all_reduce_via_rs_ag, ring_all_reduce
+from labkit.check.nb01_ring_phases import ring_all_gather, ring_reduce_scatter
 
-__all__ = ["CheckResult", "MIMETYPE", "PASSED", "FAILED", "NOT_IMPLEMENTED", "sum_of_ranks",
-           "ring_all_reduce", "all_reduce_via_rs_ag"]
+__all__ = ["CheckResult", "MIMETYPE", "PASSED", "FAILED", "NOT_IMPLEMENTED", "hint",
+           "sum_of_ranks", "ring_all_reduce", "ring_reduce_scatter", "ring_all_gather",
+           "all_reduce_via_rs_ag"]
+
+# Predictions (the learner's formulas, checked before the measurement) and the async exercise.
+from labkit.check.nb01_async import all_reduce_while_computing  # noqa: E402
+from labkit.check.predictions import (algbw_from_busbw, all_reduce_time,  # noqa: E402
+                                      crossover_size, predicted_sum, ring_bytes_per_rank,
+                                      ring_sends_per_rank)
+
+__all__ += ["all_reduce_while_computing", "predicted_sum", "ring_sends_per_rank",
+            "ring_bytes_per_rank", "all_reduce_time", "crossover_size", "algbw_from_busbw"]

@@ -1,21 +1,32 @@
-"""Grading an in-place SUM all-reduce written by a learner: run it, then name what went wrong.
+"""Cases for the graders of notebook 01: fresh inputs, the learner's function run on them in
+each rank, and what a wrong all-reduce result says about the bug.
 
-Used by the checks of notebook 01 (``ring_all_reduce``, ``all_reduce_via_rs_ag``). In each rank,
-``run_cases`` computes torch's own ``dist.all_reduce`` of every input first, then calls the
-learner's function on a copy of each input under a ``CommCounter``. In the notebook,
+Fresh inputs, drawn in the notebook. ``fresh_inputs`` draws every case's [N, S] stack in the
+notebook's process, from a generator seeded by the operating system, anew for every check run.
+The ranks get the stacks through the launch's arguments; rank r keeps row r and drops the others
+before the learner's function runs (``run_cases``), so nothing in a rank (no seed, no rank
+number) lets that function compute another rank's data: only communication brings it. The
+reference sum is computed in the notebook too, in float64, then rounded to the case's dtype
+(``reference_sum``); the all-reduce graders also run torch's own ``dist.all_reduce`` in the
+ranks, for its ledger and as a second opinion on the sum.
+
+In each rank, ``run_cases`` calls the learner's function on a copy of each case under a
+``CommCounter`` whose ledger (op, bytes, peer) comes back with the output. In the notebook,
 ``wrong_values`` looks at every rank's input and output at once and recognises the usual bugs:
 nothing changed, the mean instead of the sum, each rank holding only its own part (a missing
 all-gather), sums of only some ranks (overwriting instead of adding), the right sums in the wrong
 places.
 
-Tolerance. torch's all-reduce and the learner's code add the same N float32 values in different
+Tolerance. The reference and the learner's code add the same N float32 values in different
 orders. Each order rounds N-1 times, each time by at most 2^-24 of a partial sum no larger than
 sum|x|, so two orders differ by at most 2 (N-1) 2^-24 sum|x|. With N <= 4 standard-normal inputs
-(|x| < 6, so sum|x| < 24) that is below 9e-6 in the worst case and about 1e-7 typically.
-``torch.isclose`` with RTOL = ATOL = 1e-5 allows at least 1e-5, while every bug recognised here
-changes values by about 1.
+(|x| < 6, so sum|x| < 24) that is below 9e-6 in the worst case and about 1e-7 typically (float64
+cases: far less). ``torch.isclose`` with RTOL = ATOL = 1e-5 allows at least 1e-5, while every bug
+recognised here changes values by about 1.
 """
+import secrets
 from itertools import combinations
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -24,68 +35,130 @@ from labkit.check._core import Failed, call_learner
 from labkit.comm import CommCounter
 
 RTOL = ATOL = 1e-5
+
+
+class Case(NamedTuple):
+    size: int
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def label(self) -> str:
+        """How a hint names the case: "a tensor of 7 elements", "a float64 tensor of 12 ..."."""
+        kind = "" if self.dtype == torch.float32 else f"{str(self.dtype).split('.')[-1]} "
+        return f"a {kind}tensor of {self.size} element" + ("s" if self.size != 1 else "")
+
+
 # 12 splits evenly on 2, 3 and 4 ranks; 7 and 1 on none of them (1: fewer elements than ranks).
-# Even sizes run first: a function that crashes only on the last ones has a chunking problem.
+# Even sizes run first: a function that crashes only on the later ones has a chunking problem.
 SIZES = (12, 64, 1000, 7, 1)
-SEED = 20240501
+FLOAT32 = tuple(Case(size) for size in SIZES)
+# Last, a float64 case that every N divides: a receive buffer made without dtype= (float32)
+# fails there and only there, so the hint can name the dtype.
+RING_CASES = FLOAT32 + (Case(12, torch.float64),)
 
 
 def close(a, b):
     return torch.isclose(a, b, rtol=RTOL, atol=ATOL)
 
 
-def random_input(size: int, rank: int) -> torch.Tensor:
-    """A float32 vector, different on each rank and for each size, the same on every run."""
-    generator = torch.Generator().manual_seed(SEED + 7919 * rank + size)
-    return torch.randn(size, generator=generator)
+def fresh_inputs(n: int, cases) -> list:
+    """One [n, size] stack per case, random and new at every call (seeded by the OS)."""
+    generator = torch.Generator().manual_seed(secrets.randbits(63))
+    return [torch.randn(n, case.size, dtype=case.dtype, generator=generator) for case in cases]
 
 
-def run_cases(fn, sizes=SIZES) -> list:
-    """In one rank: torch's all-reduce of each input, then the learner's function on a copy.
+def reference_sum(stack: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks (rows) in float64, rounded once to the stack's dtype."""
+    return stack.double().sum(dim=0).to(stack.dtype)
 
-    The reference sums come first, so that no collective of ours sits between the learner's
-    sends and receives (a rank that finishes early would otherwise wait in our all-reduce).
+
+def run_cases(fn, entries: list, labels: list, all_reduce_too: bool = False) -> list:
+    """In one rank: the learner's function on a copy of this rank's row of each [N, S] stack.
+
+    With ``all_reduce_too``, torch's ``dist.all_reduce`` of each row runs first, under its own
+    ledger (all of them before the learner's code, so that no collective of ours sits between
+    the learner's sends and receives, where a rank that finished early would wait in it).
     """
     rank = dist.get_rank()
-    inputs = [random_input(size, rank) for size in sizes]
-    references = []
-    for x in inputs:
-        expected = x.clone()
-        with CommCounter() as reference:
-            dist.all_reduce(expected)
-        references.append((expected, reference.calls[0]))
-    cases = []
-    for x, (expected, reference) in zip(inputs, references):
+    mine = [stack[rank].clone() for stack in entries]
+    entries.clear()      # the other ranks' rows, gone from the launch's arguments in this rank
+    torch_sums = []
+    if all_reduce_too:
+        for x in mine:
+            total = x.clone()
+            with CommCounter() as comm:
+                dist.all_reduce(total)
+            torch_sums.append((total, _ledger(comm)[0]))
+    results = []
+    for i, (x, label) in enumerate(zip(mine, labels)):
         tensor = x.clone()
         with CommCounter() as comm:
-            returned = call_learner(fn, tensor, case=f"a tensor of {x.numel()} element"
-                                    + ("s" if x.numel() != 1 else ""))
-        returned_the_sum = (isinstance(returned, torch.Tensor) and returned is not tensor
-                            and returned.shape == x.shape and bool(close(returned, expected).all()))
-        cases.append({"size": x.numel(), "input": x, "output": tensor, "expected": expected,
-                      "returned_the_sum": returned_the_sum,
-                      "calls": [(c.op, c.payload_bytes, c.wire_bytes) for c in comm.calls],
-                      "reference": (reference.payload_bytes, reference.wire_bytes)})
-    return cases
+            returned = call_learner(fn, tensor, case=label)
+        if not (isinstance(returned, torch.Tensor) and returned is not tensor
+                and returned.shape == x.shape):
+            returned = None
+        results.append({"output": tensor, "returned": returned, "calls": _ledger(comm),
+                        "torch_sum": torch_sums[i] if torch_sums else None})
+    return results
 
 
-def by_size(per_rank: list) -> list:
-    """Rank-major results of ``run_cases`` -> one dict per size with [N, S] stacks."""
-    cases = []
-    for i, first in enumerate(per_rank[0]):
-        ranks = [cases_of_rank[i] for cases_of_rank in per_rank]
-        for rank, case in enumerate(ranks):
-            x, out = case["input"], case["output"]
-            if out.shape != x.shape or out.dtype != x.dtype:
-                raise Failed(f"with {x.numel()} elements on {len(ranks)} ranks, rank {rank}'s "
-                             f"tensor changed from {tuple(x.shape)} {x.dtype} to "
-                             f"{tuple(out.shape)} {out.dtype}: write the sum into the tensor you "
+def run_fresh(ranks, fn, world_sizes, cases, all_reduce_too=False) -> dict:
+    """Launch ``fn`` on each N with fresh inputs: {N: ``by_case`` results}. A crash or hang
+    stops here (``Ranks`` turns it into ``Failed``)."""
+    runs, labels = {}, [case.label for case in cases]
+    for n in world_sizes:
+        inputs = fresh_inputs(n, cases)
+        runs[n] = by_case(ranks.run(run_cases, n, fn, inputs, labels, all_reduce_too),
+                          inputs, cases)
+    return runs
+
+
+def _ledger(comm) -> list:
+    """(op, payload bytes, wire bytes, peer) per call: what the graders read."""
+    return [(c.op, c.payload_bytes, c.wire_bytes, c.peer) for c in comm.calls]
+
+
+def by_case(per_rank: list, entries: list, cases) -> list:
+    """Rank-major results of ``run_cases`` -> one dict per case with [N, S] stacks.
+
+    Keys: size, dtype, label, element_size, inputs (what each rank held on entry), outputs,
+    returned (per rank: a tensor of the input's shape the function returned, or None), calls
+    (per rank: the ledger), torch_sums (per rank, when run). A rank whose tensor changed shape
+    or dtype fails the check here.
+    """
+    out = []
+    for i, case in enumerate(cases):
+        ranks = [results[i] for results in per_rank]
+        x = entries[i]
+        for rank, result in enumerate(ranks):
+            y = result["output"]
+            if y.shape != x[rank].shape or y.dtype != x.dtype:
+                raise Failed(f"with {case.label} on {len(ranks)} ranks, rank {rank}'s "
+                             f"tensor changed from {tuple(x[rank].shape)} {x.dtype} to "
+                             f"{tuple(y.shape)} {y.dtype}: write the result into the tensor you "
                              "were given, keeping its shape and dtype")
-        cases.append(dict(first, inputs=torch.stack([c["input"] for c in ranks]),
-                          outputs=torch.stack([c["output"] for c in ranks]),
-                          calls=[c["calls"] for c in ranks],
-                          returned_the_sum=any(c["returned_the_sum"] for c in ranks)))
-    return cases
+        out.append({"size": case.size, "dtype": case.dtype, "label": case.label,
+                    "element_size": x.element_size(), "inputs": x,
+                    "outputs": torch.stack([r["output"] for r in ranks]),
+                    "returned": [r["returned"] for r in ranks],
+                    "calls": [r["calls"] for r in ranks],
+                    "torch_sums": [r["torch_sum"] for r in ranks]})
+    return out
+
+
+def with_sum(case) -> dict:
+    """An all-reduce case: ``expected`` (the float64 reference) and whether a rank returned it.
+
+    torch's own all-reduce, when it ran, must agree with the reference: if not, the check, not
+    the learner, is wrong, and it says so rather than blame the learner.
+    """
+    expected = reference_sum(case["inputs"])
+    for total in case["torch_sums"]:
+        if total is not None and not bool(close(total[0], expected).all()):
+            raise RuntimeError("torch's dist.all_reduce and the float64 reference disagree")
+    returned_the_sum = any(r is not None and bool(close(r, expected).all())
+                           for r in case["returned"])
+    return dict(case, expected=expected, returned_the_sum=returned_the_sum)
 
 
 def correct(case) -> bool:
@@ -97,7 +170,7 @@ def ops_used(case) -> dict:
     counts = {}
     for calls in case["calls"]:
         mine = {}
-        for op, _, _ in calls:
+        for op, *_ in calls:
             mine[op] = mine.get(op, 0) + 1
         for op, n in mine.items():
             counts[op] = max(counts.get(op, 0), n)
@@ -117,10 +190,15 @@ def spans(mask) -> str:
     return ", ".join(runs[:3]) + (", ..." if len(runs) > 3 else "")
 
 
+def chunk_bounds(size: int, n: int) -> list:
+    """[(start, end)] of the n chunks of torch.tensor_split on ``size`` elements."""
+    lengths = [len(c) for c in torch.arange(size).tensor_split(n)]
+    edges = [sum(lengths[:i]) for i in range(n + 1)]
+    return list(zip(edges, edges[1:]))
+
+
 def tensor_split_spans(size: int, n: int) -> str:
-    bounds = [len(c) for c in torch.arange(size).tensor_split(n)]
-    edges = [sum(bounds[:i]) for i in range(n + 1)]
-    return " ".join(f"[{a}:{b}]" for a, b in zip(edges, edges[1:]))
+    return " ".join(f"[{a}:{b}]" for a, b in chunk_bounds(size, n))
 
 
 def wrong_values(case, gather_advice: str, add_advice: str) -> str:

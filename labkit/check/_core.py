@@ -67,9 +67,11 @@ class CheckResult:
 class Failed(Exception):
     """Raised by a grader (in the notebook's process) to report a failure with its hint."""
 
-    def __init__(self, hint: str, figures: Optional[dict] = None, details: Optional[str] = None):
+    def __init__(self, hint: str, figures: Optional[dict] = None, details: Optional[str] = None,
+                 crash: Optional["Crash"] = None):
         super().__init__(hint)
         self.hint, self.figures, self.details = hint, figures or {}, details
+        self.crash = crash   # the learner's crash on the ranks, when that is what failed
 
 
 class NotImplementedYet(Exception):
@@ -92,7 +94,24 @@ def exercise(name: str):
     return wrap
 
 
+_ATTEMPTED: set = set()   # checks that ran on the learner's own function in this process
+
+
+def attempted(*names: str) -> bool:
+    """True once every named check has run on the learner's own function in this process
+    (passed or failed; the stub does not count). A grader's summary shows a figure that answers
+    a prediction only after the learner has made that prediction: "predict, then measure"."""
+    return all(name in _ATTEMPTED for name in names)
+
+
 def _grade(name, grader, fn, options) -> CheckResult:
+    result = _grade_once(name, grader, fn, options)
+    if callable(fn) and result.status != NOT_IMPLEMENTED:
+        _ATTEMPTED.add(name)
+    return result
+
+
+def _grade_once(name, grader, fn, options) -> CheckResult:
     if not callable(fn):
         return CheckResult(name, False, FAILED, hint=f"pass your function itself, e.g. "
                            f"labkit.check.{name}({name}), not {type(fn).__name__} {fn!r:.60}")
@@ -111,13 +130,14 @@ def _grade(name, grader, fn, options) -> CheckResult:
 
 
 def report(result: CheckResult) -> None:
-    """Print the line; in a Jupyter kernel also publish the result for ``labkit grade``."""
-    print(result.line, flush=True)
+    """Show the result's line once. In a Jupyter kernel it is the text/plain of one display output
+    that also carries the result for ``labkit grade`` (front ends without a renderer for our type
+    show the line; a separate print would leave an empty output). Elsewhere it is printed."""
     if _in_kernel():
         from IPython.display import display
-        # The empty text/plain keeps front ends without a renderer for our type (VS Code) from
-        # writing "no renderer found"; the line above is what a learner reads.
-        display({MIMETYPE: result.to_json(), "text/plain": ""}, raw=True)
+        display({MIMETYPE: result.to_json(), "text/plain": result.line}, raw=True)
+    else:
+        print(result.line, flush=True)
 
 
 def _in_kernel() -> bool:
@@ -139,6 +159,7 @@ class LearnerCrash(RuntimeError):
 
 
 _TORCH_DIR = os.sep + "torch" + os.sep
+CASE_MARK = "labkit.check case: "
 
 
 def call_learner(fn, *args, case: str = ""):
@@ -148,6 +169,10 @@ def call_learner(fn, *args, case: str = ""):
     untouched, so the notebook reports "not implemented yet"; one raised inside torch is a
     crash like any other.
     """
+    if case:
+        # If the rank dies in native code (gloo aborts on a receive buffer that is too small),
+        # no exception carries the case: this line, last in the rank's stderr, still does.
+        print(f"{CASE_MARK}{case}", file=sys.stderr, flush=True)
     try:
         return fn(*args)
     except NotImplementedError as exc:
@@ -175,6 +200,7 @@ class Crash(NamedTuple):
     type: str
     message: str
     where: Optional[str]   # "line 12 in ring_all_reduce: `tensor[i] += buf`", when known
+    traceback: str = ""    # the rank's traceback, or the last lines of its stderr if it died
 
 
 class Wait(NamedTuple):
@@ -217,7 +243,8 @@ class Ranks:
         except labkit.LaunchError as error:
             if any(f.get("type") == "NotImplementedError" for f in error.failures.values()):
                 raise NotImplementedYet() from None
-            raise Failed(self._crash_hint(error, nprocs), details=_details(error, stderr)) from None
+            raise Failed(self._crash_hint(error, nprocs), details=_details(error, stderr),
+                         crash=read_crash(error, nprocs)) from None
         except ValueError as error:   # labkit.launch refused the function (e.g. cannot pickle)
             raise Failed(str(error)) from None
 
@@ -226,14 +253,21 @@ class Ranks:
         if crash is None:
             return f"{self.exercise} failed on {nprocs} ranks: {str(error).splitlines()[0]}"
         at = f" ({crash.where})" if crash.where else ""
-        if crash.case:   # the learner's function raised
+        if crash.type == "NativeError":   # killed by a C++ exception (gloo, torch)
+            hint = (f"{self.exercise} crashed rank {crash.rank} of {crash.nprocs} in native code"
+                    + (f" with {crash.case}" if crash.case else "") + f"{at}: "
+                    f"{_shorten(crash.message)}")
+        elif crash.case:   # the learner's function raised
             hint = (f"{self.exercise} raised {crash.type} on rank {crash.rank} of {crash.nprocs} "
                     f"with {crash.case}{at}: {_shorten(crash.message)}")
         else:            # the rank died (killed, os._exit, a crash in native code)
             hint = (f"{self.exercise} failed on rank {crash.rank} of {crash.nprocs}{at}: "
                     f"{crash.type}: {_shorten(crash.message)}")
         advice = self.crash_advice(crash) if self.crash_advice else None
-        return f"{hint.rstrip('.')}. {advice}" if advice else hint
+        if not advice:
+            return hint
+        hint = hint.rstrip(".")
+        return f"{hint}{' ' if hint.endswith(('?', '!')) else '. '}{advice}"
 
     def _hang_hint(self, error, nprocs, timeout) -> str:
         waits = [where_waiting(rank, stack) for rank, stack in sorted(error.stacks.items())]
@@ -264,7 +298,8 @@ def _wait_for_fork_server() -> None:
 
 
 def _details(error, stderr) -> str:
-    text = stderr.getvalue()
+    text = "".join(line for line in stderr.getvalue().splitlines(keepends=True)
+                   if CASE_MARK not in line)   # our own bookkeeping, not the ranks' words
     return str(error) + (f"\n\nWhat the ranks wrote to stderr:\n{text}" if text else "")
 
 
@@ -288,11 +323,33 @@ def read_crash(error, nprocs: int) -> Optional[Crash]:
     if not failure:
         return None
     case, text = "", f"{failure.get('type', '')}: {failure.get('message', '')}"
+    traceback = failure.get("traceback", "") or ""
     if failure.get("type") == LearnerCrash.__name__ and " :: " in failure.get("message", ""):
         case, text = failure["message"].split(" :: ", 1)
+    elif failure.get("type") == "RankDied":
+        case, native = _native_death(traceback)
+        if native:
+            text = f"NativeError: {native}"
     kind, _, message = text.partition(": ")
     return Crash(error.rank, nprocs, case, kind, message,
-                 _learner_line(failure.get("traceback", ""), _TB_FRAME))
+                 _learner_line(traceback, _TB_FRAME), traceback)
+
+
+# "  what():  [enforce fail at /path/gloo/transport/tcp/pair.cc:456] op.preamble.length <= ..."
+_NATIVE_WHAT = re.compile(r"what\(\):\s*(\[[^\]]*\]\s*)?(?P<message>.+)$")
+
+
+def _native_death(stderr: str):
+    """(the case the rank was running, the C++ exception that killed it) from its last stderr
+    lines; "" for what is not there."""
+    case = native = ""
+    for line in stderr.splitlines():
+        if line.startswith(CASE_MARK):
+            case, native = line[len(CASE_MARK):].strip(), ""
+        match = _NATIVE_WHAT.search(line)
+        if match:
+            native = match["message"].strip()
+    return case, native
 
 
 def _learner_line(text: str, frame: re.Pattern, newest_first: bool = False) -> Optional[str]:
@@ -358,9 +415,9 @@ def describe_hang(waits: list, nprocs: int, timeout: float) -> str:
         head = (f"deadlock on {nprocs} ranks: every rank is waiting for a request to finish{at}; "
                 "no send on one rank met a matching receive on another")
     elif not done and ops == {"send"}:
-        head = (f"deadlock on {nprocs} ranks: every rank is waiting to send{at}; dist.send only "
-                "returns once the receiver has posted its recv, so if every rank sends first, "
-                "nobody receives")
+        head = (f"deadlock on {nprocs} ranks: every rank is waiting to send{at}; on gloo, "
+                "send may not return until the receiver has posted its recv, so if every rank "
+                "sends first, nobody receives")
     else:
         places = "; ".join(f"rank {w.rank} in {w.op or 'your code'}"
                            + (f" ({w.where})" if w.where else "") for w in waits)

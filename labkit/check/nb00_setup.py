@@ -1,20 +1,40 @@
 """Notebook 00: ``sum_of_ranks() -> float``, the first collective.
 
 Every rank holds its rank r; after a SUM all-reduce every rank holds 0 + 1 + ... + (N-1),
-which is N(N-1)/2: the reference is that formula, exact for these small integers.
+which is N(N-1)/2: the reference is that formula, exact for these small integers. The value alone
+can be had without communicating (from dist.get_world_size()), so the ledger must also show a
+collective that carried data: all_reduce, or any other that sums (all_gather, then a sum).
 """
 import numbers
 
 import torch
 
-from labkit.check._core import Failed, Ranks, call_learner, exercise
+from labkit.check._core import Failed, Ranks, attempted, call_learner, exercise
+from labkit.check._hints import register
+from labkit.comm import CommCounter
 
 WORLD_SIZES = (2, 3, 4)
+# Ops that carry data between ranks but are not collectives, and one that carries none.
+_NOT_COLLECTIVES = {"send", "recv", "barrier"}
+
+register("sum_of_ranks", [
+    "Each rank puts its own rank, dist.get_rank(), into a tensor. One collective then adds the "
+    "tensors of all ranks together and leaves the sum on every rank: which one?",
+    "t = torch.tensor([float(dist.get_rank())]); dist.all_reduce(t) (op=SUM is the default); "
+    "return t.item(). all_reduce works in place: afterwards t holds the sum, on every rank.",
+])
 
 
 def _run(fn):
-    """In each rank: the learner's value as a float, or a description of what came back."""
-    value = call_learner(fn, case="no arguments")
+    """In each rank: (the learner's value as a float, or a description of what came back;
+    the ops of the collectives it ran that carried data)."""
+    with CommCounter() as comm:
+        value = call_learner(fn, case="no arguments")
+    ops = sorted({c.op for c in comm.calls if c.payload_bytes > 0})
+    return _describe(value), ops
+
+
+def _describe(value):
     if isinstance(value, torch.Tensor):
         if value.numel() == 1:
             return float(value.item())
@@ -22,6 +42,18 @@ def _run(fn):
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
     return "None" if value is None else f"a {type(value).__name__} ({value!r:.40})"
+
+
+def _no_collective(ops_per_rank: list, n: int):
+    """A hint when the right values came without a collective that carried data, or None."""
+    ops = set().union(*map(set, ops_per_rank))
+    if ops - _NOT_COLLECTIVES:
+        return None
+    how = (f"with only {', '.join(sorted(ops))}." if ops else "without communicating (no "
+           "collective in the ledger): computed from dist.get_world_size()?")
+    return (f"on {n} ranks every rank returned {n * (n - 1) // 2} = N(N-1)/2, but {how} This "
+            "exercise is about a collective: put the rank in a tensor, dist.all_reduce(t) it, "
+            "return t.item()")
 
 
 def _diagnose(values: list, n: int):
@@ -59,18 +91,24 @@ def _diagnose(values: list, n: int):
 
 @exercise("sum_of_ranks")
 def sum_of_ranks(fn, *, timeout: float = 10.0):
-    """Run ``fn()`` on 2, 3 and 4 ranks; every rank must return N(N-1)/2.
+    """Run ``fn()`` on 2, 3 and 4 ranks; every rank must return N(N-1)/2, and its ledger must
+    show a collective that carried data (all_reduce; all_gather and a sum also do).
 
-    A one-element tensor counts as its number. ``timeout``: seconds per launch.
+    A one-element tensor counts as its number. The sums show in the summary once the learner
+    has made the ``predicted_sum`` prediction. ``timeout``: seconds per launch.
     """
     ranks = Ranks("sum_of_ranks", timeout=timeout)
-    got = {}
+    got, figures = {}, {}
     for n in WORLD_SIZES:
-        values = ranks.run(_run, n, fn)
-        hint = _diagnose(values, n)
+        values, ops = zip(*ranks.run(_run, n, fn))
+        hint = _diagnose(list(values), n) or _no_collective(list(ops), n)
         if hint:
-            raise Failed(hint, figures={f"{k} ranks": v for k, v in got.items()})
+            raise Failed(hint, figures=figures)
         got[n] = values[0]
-    figures = {f"{n} ranks": v for n, v in got.items()}
+        figures[f"{n} ranks"] = values[0]
+    used = sorted(set().union(*map(set, ops)) - _NOT_COLLECTIVES)
+    if not attempted("predicted_sum"):
+        return (f"every rank returned the sum of the ranks on 2, 3 and 4 ranks, through "
+                f"{', '.join(used)}"), figures
     shown = ", ".join(f"{v:g} on {n} ranks" for n, v in got.items())
-    return f"every rank returned N(N-1)/2: {shown}", figures
+    return f"every rank returned N(N-1)/2: {shown}, through {', '.join(used)}", figures

@@ -1,27 +1,26 @@
-"""Notebook 01: an all-reduce built two ways, checked against torch's own ``dist.all_reduce``.
+"""Notebook 01: an all-reduce built from send/recv as a ring (and, as a demo, from one
+reduce-scatter and one all-gather), checked against a float64 sum and torch's ``dist.all_reduce``.
 
-Both exercises run on 2, 3 and 4 ranks (one launch each) with tensors of 1, 7, 12, 64 and 1000
-float32 elements, so that sizes the ranks do not divide, and sizes smaller than the number of
-ranks, are always tried. A ``CommCounter`` in each rank records which collectives the learner's
-code used and how many bytes they carried. How wrong values are recognised: ``_allreduce.py``.
+Every check runs on 2, 3 and 4 ranks (one launch each) with fresh random tensors of 1, 7, 12, 64
+and 1000 float32 elements, so that sizes the ranks do not divide, and sizes smaller than the
+number of ranks, are always tried; the ring also gets 12 float64 elements. The inputs are drawn in
+the notebook for every run; each rank keeps only its own (``_allreduce.py``). A ``CommCounter``
+in each rank records what the learner's code sent, how many bytes, to whom; ``_ring.py`` reads
+the ring out of it. The ring's two phases, as exercises of their own: ``nb01_ring_phases.py``.
 """
 import math
-import re
 
-from labkit import theory
-from labkit.check._allreduce import (SIZES, by_size, close, correct, ops_used, run_cases, spans,
-                                     tensor_split_spans, wrong_values)
+from labkit.check import _ring
+from labkit.check._allreduce import (FLOAT32, RING_CASES, SIZES, close, correct, ops_used,
+                                     run_fresh, spans, tensor_split_spans, with_sum,
+                                     wrong_values)
 from labkit.check._core import Failed, Ranks, exercise
+from labkit.check._hints import register
 
 WORLD_SIZES = (2, 3, 4)
-SHOWN = (4, 1000)   # the run whose bytes the summary line reports: 4 ranks, 1000 elements
+SHOWN = _ring.SHOWN
 _DATA_OPS = {"all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "all_to_all",
              "gather", "scatter"}
-
-
-def _size(case_label: str):
-    match = re.search(r"(\d+) element", case_label or "")
-    return int(match[1]) if match else None
 
 
 def _uneven(cases, n):
@@ -33,15 +32,15 @@ def _uneven(cases, n):
     return None
 
 
-def _fail_if_only_uneven_sizes_are_wrong(cases, n, advice) -> None:
-    """Name the bug class "right when N divides the size, wrong otherwise"; ``advice(size)`` says
-    what to fix in this exercise."""
+def _only_uneven_sizes_wrong(cases, n, advice):
+    """The hint for "right when N divides the size, wrong otherwise", or None; ``advice(size)``
+    says what to fix in this exercise."""
     uneven = _uneven(cases, n)
     if uneven:
         size = uneven["size"]
-        raise Failed(f"correct when {n} divides the size, wrong otherwise: with {size} elements "
-                     f"on {n} ranks, elements {spans(_bad_elements(uneven))} are wrong. "
-                     + advice(size))
+        return (f"correct when {n} divides the size, wrong otherwise: with {size} elements "
+                f"on {n} ranks, elements {spans(_bad_elements(uneven))} are wrong. " + advice(size))
+    return None
 
 
 def _bad_elements(case):
@@ -50,28 +49,26 @@ def _bad_elements(case):
 
 # --- ring_all_reduce ----------------------------------------------------------------------------
 
-def _ring_crash_advice(crash):
-    size, n = _size(crash.case), crash.nprocs
-    if "'tuple' object does not support item assignment" in crash.message:
-        return ("tensor_split returns a tuple of views into tensor: update a chunk in place "
-                "with chunks[i].add_(received) or chunks[i].copy_(received)")
-    if size is not None and size < n:
-        return (f"With fewer elements than ranks some chunks are empty: torch.tensor_split(tensor, "
-                f"{n}) always gives {n} chunks ({tensor_split_spans(size, n)}), torch.chunk may "
-                "give fewer")
-    if size is not None and size % n:
-        return (f"{size} elements do not split evenly over {n} ranks: check the chunk "
-                f"boundaries (torch.tensor_split(tensor, {n}) gives {tensor_split_spans(size, n)})")
-    return None
-
-
-def _ring_hang_advice(waits, n):
-    if {w.op for w in waits} == {"send"}:
-        return ("start each send with req = dist.isend(chunk, (rank + 1) % N), then "
-                "dist.recv(buffer, (rank - 1) % N), then req.wait()")
-    return ("each send must be matched by a recv on the neighbour: send to (rank + 1) % N and "
-            "receive from (rank - 1) % N, every rank taking the same N-1 steps in each phase")
-
+register("ring_all_reduce", [
+    "Split the tensor into N chunks with chunks = torch.tensor_split(tensor, N): N views into "
+    "tensor (writing into a chunk writes into tensor), their sizes differing by at most one, "
+    "some of them empty when the tensor has fewer than N elements (torch.chunk may give fewer "
+    "than N). Then two phases of N-1 steps. Reduce-scatter: at each step every rank passes one "
+    "chunk to its right neighbour, which adds it into its own copy; after N-1 steps each rank "
+    "holds one chunk summed over all ranks. All-gather: N-1 more steps pass the summed chunks "
+    "on around the ring, copied, not added.",
+    "The schedule for rank r, with right = (r + 1) % N and left = (r - 1) % N. Reduce-scatter, "
+    "step s = 0 ... N-2: send chunks[(r - s) % N] to right; receive from left the chunk "
+    "(r - s - 1) % N and add it into chunks[(r - s - 1) % N]. Rank r then holds the complete sum "
+    "of chunk (r + 1) % N. All-gather, step s = 0 ... N-2: send chunks[(r + 1 - s) % N] to "
+    "right; receive from left into chunks[(r - s) % N].",
+    "Each step, without a deadlock: req = dist.isend(chunks[i], right); dist.recv(buf, left); "
+    "req.wait(). In the reduce-scatter receive into a fresh buffer the size and dtype of the "
+    "chunk that arrives, buf = torch.empty_like(chunks[j]) (torch.empty(k) would be float32 "
+    "whatever the tensor is), then chunks[j].add_(buf). In the all-gather receive straight into "
+    "the chunk: dist.recv(chunks[j], left). Do not write into a chunk handed to isend before "
+    "its wait() returns.",
+])
 
 _RING_GATHER = ("the all-gather phase is missing or incomplete: after the N-1 reduce-scatter "
                 "steps, pass the reduced chunks around the ring for N-1 more steps, copying "
@@ -80,67 +77,43 @@ _RING_ADD = ("in the reduce-scatter phase add the received chunk to your own "
              "(chunk += received) instead of overwriting it, for all N-1 steps")
 
 
-def _check_ring(cases, n):
-    used = set().union(*(ops_used(c) for c in cases))
-    banned = sorted(used & _DATA_OPS)
-    if banned:
-        raise Failed(f"ring_all_reduce called {', '.join('dist.' + op for op in banned)}: build "
-                     "it from send/recv only (dist.send/dist.recv or dist.isend/dist.irecv); "
-                     "the point is to see what an all-reduce does inside")
-    _fail_if_only_uneven_sizes_are_wrong(cases, n, lambda size: (
+def _ring_values(cases, n):
+    """The hint for a ring all-reduce's wrong values on ``n`` ranks, or None."""
+    hint = _only_uneven_sizes_wrong(cases, n, lambda size: (
         f"Check the chunk boundaries: the {n} chunks must cover all {size} elements, their "
         f"sizes differing by at most one; torch.tensor_split(tensor, {n}) gives "
         f"{tensor_split_spans(size, n)}"))
+    if hint:
+        return hint
     wrong = [c for c in cases if not correct(c)]
     if wrong:
         case = max(wrong, key=lambda c: c["size"])   # the largest: its pattern says the most
-        raise Failed(f"on {n} ranks with {case['size']} elements, "
-                     + wrong_values(case, _RING_GATHER, _RING_ADD))
-    for case in sorted(cases, key=lambda c: -c["size"]):
-        # A ring sends each rank's chunk (S/N, rounded up) once per step, 2(N-1) steps: more
-        # than 2(N-1) * ceil(S/N) elements means whole tensors (or more) went around.
-        limit = 2 * (n - 1) * math.ceil(case["size"] / n) * case["input"].element_size()
-        for rank, sent in enumerate(_sent(case)):
-            if sent > limit:
-                s = case["size"] * case["input"].element_size()
-                raise Failed(f"correct, but rank {rank} sent {sent:,} B for a tensor of {s:,} B "
-                             f"on {n} ranks; a ring sends 2(N-1)/N·S = "
-                             f"{theory.wire_bytes('all_reduce', s, n):,.0f} B: send one chunk "
-                             "(about S/N) per step, not the whole tensor")
-
-
-def _sent(case) -> list:
-    """Bytes each rank passed to send/isend for this case."""
-    return [sum(b for op, b, _ in calls if op == "send") for calls in case["calls"]]
+        return (f"on {n} ranks with {case['label']}, "
+                + wrong_values(case, _RING_GATHER, _RING_ADD))
+    return None
 
 
 @exercise("ring_all_reduce")
 def ring_all_reduce(fn, *, timeout: float = 10.0):
-    """``fn(tensor)`` must SUM-all-reduce ``tensor`` in place with send/recv only.
+    """``fn(tensor)`` must SUM-all-reduce ``tensor`` in place, as a ring of send/recv.
 
-    Checked against ``dist.all_reduce`` on 2, 3, 4 ranks and sizes 1, 7, 12, 64, 1000; no
-    collective may be used; no rank may send more than a ring does (2(N-1) chunks of at most
-    ceil(S/N) elements). ``timeout``: seconds per launch.
+    On 2, 3, 4 ranks, fresh inputs of 1, 7, 12, 64, 1000 float32 and 12 float64 elements:
+    * values: every rank's tensor equals the float64 sum over ranks (also torch's all_reduce);
+    * mechanism (the ledger): no collective; each rank sends only to (r + 1) % N and receives
+      only from (r - 1) % N; every message is one chunk of torch.tensor_split(tensor, N)
+      (floor or ceil of S/N elements); 2(N-1) sends and 2(N-1) receives per rank (where S >= N).
+    Free: the chunk schedule, send or isend, irecv, batch_isend_irecv, receiving into the chunk.
+    ``fn`` may be ring_reduce_scatter followed by ring_all_gather: that is a ring all-reduce too.
+    ``timeout``: seconds per launch.
     """
-    ranks = Ranks("ring_all_reduce", timeout=timeout, crash_advice=_ring_crash_advice,
-                  hang_advice=_ring_hang_advice)
-    for n in WORLD_SIZES:
-        cases = by_size(ranks.run(run_cases, n, fn))
-        _check_ring(cases, n)
-        if n == SHOWN[0]:
-            shown = next(c for c in cases if c["size"] == SHOWN[1])
-    s = shown["size"] * shown["input"].element_size()
-    sent = _sent(shown)
-    sends = [sum(op == "send" for op, _, _ in calls) for calls in shown["calls"]]
-    formula = theory.wire_bytes("all_reduce", s, SHOWN[0])
-    figures = {"world_sizes": list(WORLD_SIZES), "sizes": sorted(SIZES), "ranks": SHOWN[0],
-               "elements": SHOWN[1], "tensor_bytes": s, "bytes_sent_per_rank": sent,
-               "sends_per_rank": sends, "ring_formula_bytes": formula}
-    each = f"{sent[0]:,} B" if len(set(sent)) == 1 else f"{min(sent):,} to {max(sent):,} B"
-    calls = f"{sends[0]}" if len(set(sends)) == 1 else f"{min(sends)} to {max(sends)}"
-    return (f"matches dist.all_reduce on 2, 3, 4 ranks for {_sizes()} elements, with send/recv "
-            f"only; {SHOWN[0]} ranks × {SHOWN[1]} floats: each rank sent {each} in {calls} sends, "
-            f"ring formula 2(N-1)/N·S = {formula:,.0f} B", figures)
+    ranks = Ranks("ring_all_reduce", timeout=timeout, crash_advice=_ring.crash_advice,
+                  hang_advice=_ring.hang_advice)
+    runs = _ring.grade(ranks, fn, "ring_all_reduce", 2, _ring_values, WORLD_SIZES, RING_CASES,
+                       prepare=with_sum, all_reduce_too=True)
+    figures, measured = _ring.measured(runs, RING_CASES, "all_reduce", "2(N-1)/N·S")
+    return (f"matches dist.all_reduce on 2, 3, 4 ranks for {_ring.cases_tried(RING_CASES)}, "
+            f"as a ring of send/recv (one chunk per message, to the right neighbour)"
+            f"{measured}", figures)
 
 
 # --- all_reduce_via_rs_ag -----------------------------------------------------------------------
@@ -154,8 +127,9 @@ def _elements(size):
 
 
 def _rs_ag_crash_advice(crash):
-    size, n = _size(crash.case), crash.nprocs
-    if size is not None and size % n:
+    case, n = _ring.case_of(crash.case), crash.nprocs
+    if case is not None and case.size % n:
+        size = case.size
         return (f"{size} is not a multiple of {n}: pad the tensor with zeros to a multiple of N "
                 f"({_padding(size, n)} here) before the reduce-scatter, and copy back only the "
                 f"first {_elements(size)} after the all-gather")
@@ -182,9 +156,11 @@ def _check_rs_ag(cases, n):
             if used[op] > 1:
                 raise Failed(f"called {name} {used[op]} times for one tensor: one {name} of the "
                              "whole padded tensor is enough")
-    _fail_if_only_uneven_sizes_are_wrong(cases, n, lambda size: (
+    hint = _only_uneven_sizes_wrong(cases, n, lambda size: (
         f"Pad the tensor with zeros to a multiple of N ({_padding(size, n)} here) before the "
         f"reduce-scatter, and copy back the first {_elements(size)} of the gathered buffer"))
+    if hint:
+        raise Failed(hint)
     wrong = [c for c in cases if not correct(c)]
     if wrong:
         case = max(wrong, key=lambda c: c["size"])
@@ -204,33 +180,32 @@ def _missing_gather(cases, n):
 @exercise("all_reduce_via_rs_ag")
 def all_reduce_via_rs_ag(fn, *, timeout: float = 10.0):
     """``fn(tensor)`` must SUM-all-reduce ``tensor`` in place with one reduce-scatter and one
-    all-gather (padding to a multiple of N).
+    all-gather (padding to a multiple of N). A demo in notebook 01 now, no longer an exercise
+    there: ``ring_reduce_scatter`` and ``ring_all_gather`` replace it.
 
-    Checked against ``dist.all_reduce`` on 2, 3, 4 ranks and sizes 1, 7, 12, 64, 1000; the
-    ledger must show one reduce_scatter, one all_gather, no all_reduce. The summary shows that
-    the two carry what one all-reduce carries (ZeRO §7.1). ``timeout``: seconds per launch.
+    Checked against the float64 sum and ``dist.all_reduce`` on 2, 3, 4 ranks, fresh float32
+    inputs of 1, 7, 12, 64, 1000 elements; the ledger must show one reduce_scatter, one
+    all_gather, nothing else. The summary shows that the two carry what one all-reduce carries
+    (ZeRO §7.1). ``timeout``: seconds per launch.
     """
     ranks = Ranks("all_reduce_via_rs_ag", timeout=timeout, crash_advice=_rs_ag_crash_advice)
     for n in WORLD_SIZES:
-        cases = by_size(ranks.run(run_cases, n, fn))
+        cases = [with_sum(c) for c in run_fresh(ranks, fn, (n,), FLOAT32,
+                                                all_reduce_too=True)[n]]
         _check_rs_ag(cases, n)
         if n == SHOWN[0]:
             shown = next(c for c in cases if c["size"] == SHOWN[1])
-    ledger = {op: (payload, wire) for op, payload, wire in shown["calls"][0]}
+    ledger = {op: (payload, wire) for op, payload, wire, _ in shown["calls"][0]}
     (rs, rs_wire), (ag, ag_wire) = ledger["reduce_scatter"], ledger["all_gather"]
-    ar, ar_wire = shown["reference"]
+    _, ar, ar_wire, _ = shown["torch_sums"][0][1]
     figures = {"world_sizes": list(WORLD_SIZES), "sizes": sorted(SIZES), "ranks": SHOWN[0],
                "elements": SHOWN[1], "reduce_scatter_payload_bytes": rs,
                "all_gather_payload_bytes": ag, "all_reduce_payload_bytes": ar,
                "reduce_scatter_wire_bytes": rs_wire, "all_gather_wire_bytes": ag_wire,
                "all_reduce_wire_bytes": ar_wire}
     carry = f"each carry {rs:,} B" if rs == ag else f"carry {rs:,} B and {ag:,} B"
-    return (f"matches dist.all_reduce on 2, 3, 4 ranks for {_sizes()} elements with one "
-            f"reduce-scatter + one all-gather; {SHOWN[0]} ranks × {SHOWN[1]} floats: they "
+    return (f"matches dist.all_reduce on 2, 3, 4 ranks for {_ring.cases_tried(FLOAT32)} with "
+            f"one reduce-scatter + one all-gather; {SHOWN[0]} ranks × {SHOWN[1]} floats: they "
             f"{carry}, like the all-reduce ({ar:,} B), and on a ring each rank sends "
             f"{rs_wire:,.0f} + {ag_wire:,.0f} = {rs_wire + ag_wire:,.0f} B, what one all-reduce "
             f"sends ({ar_wire:,.0f} B)", figures)
-
-
-def _sizes():
-    return ", ".join(map(str, sorted(SIZES)))

@@ -19,7 +19,9 @@ Public names (also on ``labkit``): ``launch``, ``shutdown``, ``warm_up``, ``Laun
     errors        LaunchError, LaunchTimeout, the root cause, readable stacks
 """
 from labkit.launcher._launch import launch
+from labkit.launcher._platform import usable_cores
 from labkit.launcher._server import prestart, shutdown, warm_up
 from labkit.launcher.errors import LaunchError, LaunchTimeout
 
-__all__ = ["launch", "shutdown", "warm_up", "prestart", "LaunchError", "LaunchTimeout"]
+__all__ = ["launch", "shutdown", "warm_up", "prestart", "LaunchError", "LaunchTimeout",
+           "usable_cores"]

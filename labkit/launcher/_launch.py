@@ -26,15 +26,10 @@ from labkit.launcher._platform import (default_start_method, loopback_interface,
 from labkit.launcher._rendezvous import LoopbackStore
 from labkit.launcher._results import DEFAULT_MAX_RESULT_BYTES
 from labkit.launcher._watch import Watch, collect_stacks
-from labkit.launcher.errors import LaunchError, LaunchTimeout, failure_message
+from labkit.launcher.errors import LaunchError, LaunchTimeout, failure_message, timeout_hint
 
 BACKENDS = ("auto", "gloo", "nccl")
 DRAIN_AFTER_FAILURE_S = 2.0  # the ranks are killed by then; this is for their last lines
-
-TIMEOUT_HINT = ("Every rank must call the same collectives in the same order. Ranks waiting in "
-                "different places (above) usually mean that one rank skipped, added or reordered a "
-                "collective. Run again with debug=True to have torch compare collectives across "
-                "ranks and fail at once, naming the mismatch.")
 
 
 def resolve_backend(backend: str, nprocs: int) -> str:
@@ -159,7 +154,7 @@ def _raise_timeout(watch: Watch, nprocs: int, timeout: float) -> None:
              "Where each unfinished rank was waiting (most recent call first):"]
     for rank in unfinished:
         lines += [f"[rank {rank}]", stacks.get(rank) or "  (no stack: the rank did not answer)"]
-    lines += ["", TIMEOUT_HINT]
+    lines += ["", timeout_hint(stacks)]   # send/recv advice, or the collective advice
     raise LaunchTimeout("\n".join(lines), rank=unfinished[0] if unfinished else None,
                         failures=watch.failures(), stacks=stacks)
 

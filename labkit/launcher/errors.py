@@ -51,6 +51,61 @@ _HINTS = [
 ]
 
 
+# The advice after a timeout's stacks: which one depends on what the ranks wait in.
+COLLECTIVE_TIMEOUT_HINT = ("Every rank must call the same collectives in the same order. Ranks "
+                           "waiting in different places (above) usually mean that one rank "
+                           "skipped, added or reordered a collective. Run again with debug=True "
+                           "to have torch compare collectives across ranks and fail at once, "
+                           "naming the mismatch.")
+_SEND_RECV_RULES = ("Each send(tensor, dst) needs a matching recv(buffer, src) on rank dst, "
+                    "with src the sender's rank. On gloo a send of any size may wait until the "
+                    "receiver has posted its recv, so if every rank sends first, nobody receives. "
+                    "Post "
+                    "the sends with req = dist.isend(...), then the recvs, then req.wait(); do "
+                    "not modify a tensor handed to isend before its wait() returns (gloo sends "
+                    "from that memory).")
+POINT_TO_POINT_TIMEOUT_HINT = ("The unfinished ranks wait in sends and recvs (above): a "
+                               "point-to-point deadlock. " + _SEND_RECV_RULES)
+REQUEST_TIMEOUT_HINT = ("Every unfinished rank waits in a request's wait() (above). If the "
+                        "requests come from isend/irecv: " + _SEND_RECV_RULES + " If they come "
+                        "from collectives with async_op=True: " + COLLECTIVE_TIMEOUT_HINT)
+
+_POINT_TO_POINT = {"send", "recv", "isend", "irecv", "batch_isend_irecv"}
+_STACK_FRAME = re.compile(r'^\s*File "(?P<file>.+)", line \d+ in (?P<name>.+)$')
+
+
+def waiting_in(stack: str) -> str | None:
+    """The torch.distributed function a rank's stack (newest frame first) waits in; "wait" when
+    its newest frame calls ``.wait()`` (Work.wait is C++: it has no frame of its own); else None.
+    """
+    lines, newest = stack.splitlines(), True
+    for i, line in enumerate(lines):
+        if line.startswith(("Thread 0x", "Current thread 0x")):
+            newest = True
+        match = _STACK_FRAME.match(line)
+        if not match:
+            continue
+        if "/torch/distributed/" in match["file"].replace("\\", "/"):
+            return match["name"]
+        source = lines[i + 1] if i + 1 < len(lines) else ""
+        if newest and not _STACK_FRAME.match(source) and ".wait()" in source:
+            return "wait"
+        newest = False
+    return None
+
+
+def timeout_hint(stacks: dict) -> str:
+    """Send/recv advice when the stuck ranks all wait in point-to-point ops, else the collective
+    advice: debug=True finds mismatched collectives but does not check sends and recvs. A bare
+    ``.wait()`` may be an isend's or an async collective's, so it alone gets both."""
+    ops = {waiting_in(stack) for stack in stacks.values()}
+    if ops == {"wait"}:
+        return REQUEST_TIMEOUT_HINT
+    if ops and ops <= _POINT_TO_POINT | {"wait"}:
+        return POINT_TO_POINT_TIMEOUT_HINT
+    return COLLECTIVE_TIMEOUT_HINT
+
+
 def hint_for(failure: dict) -> str | None:
     text = f"{failure.get('type', '')}: {failure.get('message', '')}"
     return next((hint for pattern, hint in _HINTS if pattern.search(text)), None)
