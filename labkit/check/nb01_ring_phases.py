@@ -136,15 +136,21 @@ def ring_reduce_scatter(fn, *, timeout: float = 10.0):
       sends and N-1 receives per rank (where S >= N).
     ``timeout``: seconds per launch.
     """
-    ranks = Ranks("ring_reduce_scatter", timeout=timeout, crash_advice=_ring.crash_advice,
+    return _grade_phase("ring_reduce_scatter", fn, timeout, _rs_right, _rs_diagnose,
+                        "reduce_scatter", "rank r holds the sum of chunk r")
+
+
+def _grade_phase(name, fn, timeout, right, diagnose, op, outcome):
+    """What the two phases' checks share: the ring in the ledger (``_ring.grade``), the values
+    judged by ``right`` and named by ``diagnose``, the summary with the bytes measured."""
+    ranks = Ranks(name, timeout=timeout, crash_advice=_ring.crash_advice,
                   hang_advice=_ring.hang_advice)
-    runs = _ring.grade(ranks, fn, "ring_reduce_scatter", 1,
-                       lambda cases, n: _values(cases, n, _rs_right, _rs_diagnose),
+    runs = _ring.grade(ranks, fn, name, 1,
+                       lambda cases, n: _values(cases, n, right, diagnose),
                        WORLD_SIZES, RING_CASES)
-    figures, measured = _ring.measured(runs, RING_CASES, "reduce_scatter", "(N-1)/N·S")
-    return (f"rank r holds the sum of chunk r on 2, 3, 4 ranks for "
-            f"{_ring.cases_tried(RING_CASES)}, as a ring of send/recv (one chunk per message, "
-            f"to the right neighbour){measured}", figures)
+    figures, measured = _ring.measured(runs, RING_CASES, op, "(N-1)/N·S")
+    return (f"{outcome} on 2, 3, 4 ranks for {_ring.cases_tried(RING_CASES)}, as a ring of "
+            f"send/recv (one chunk per message, to the right neighbour){measured}", figures)
 
 
 # --- ring_all_gather ------------------------------------------------------------------------------
@@ -221,12 +227,5 @@ def ring_all_gather(fn, *, timeout: float = 10.0):
       sends and N-1 receives per rank (where S >= N).
     ``timeout``: seconds per launch.
     """
-    ranks = Ranks("ring_all_gather", timeout=timeout, crash_advice=_ring.crash_advice,
-                  hang_advice=_ring.hang_advice)
-    runs = _ring.grade(ranks, fn, "ring_all_gather", 1,
-                       lambda cases, n: _values(cases, n, _ag_right, _ag_diagnose),
-                       WORLD_SIZES, RING_CASES)
-    figures, measured = _ring.measured(runs, RING_CASES, "all_gather", "(N-1)/N·S")
-    return (f"every rank holds every rank's chunk on 2, 3, 4 ranks for "
-            f"{_ring.cases_tried(RING_CASES)}, as a ring of send/recv (one chunk per message, "
-            f"to the right neighbour){measured}", figures)
+    return _grade_phase("ring_all_gather", fn, timeout, _ag_right, _ag_diagnose, "all_gather",
+                        "every rank holds every rank's chunk")
