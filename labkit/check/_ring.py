@@ -287,8 +287,10 @@ def crash_advice(crash):
 
 def hang_advice(waits, n):
     if {w.op for w in waits} == {"send"}:
-        return ("start each send with req = dist.isend(chunk, (rank + 1) % N), then "
-                "dist.recv(buffer, (rank - 1) % N), then req.wait()")
+        return ("on gloo a send may not return until the receiver has posted its recv: start "
+                "each send with req = dist.isend(chunk, (rank + 1) % N), then "
+                "dist.recv(buffer, (rank - 1) % N), then req.wait(), and leave chunk unchanged "
+                "until that wait() returns (gloo sends from its memory)")
     return ("each send must be matched by a recv on the neighbour: send to (rank + 1) % N and "
             "receive from (rank - 1) % N, every rank taking the same N-1 steps in each phase")
 
