@@ -31,10 +31,13 @@ answer): ``labkit.check.hint("ring_all_reduce", 1)``.
 | 01 | ``ring_all_gather`` | ``(tensor) -> None`` | every chunk, everywhere | ring, N-1 steps |
 | 01 | ``all_reduce_while_computing`` | ``(tensors, compute)`` | sums on return | async, open |
 | 01 | ``all_reduce_via_rs_ag`` | ``(tensor) -> None`` | the sum on every rank | one RS, one AG |
-| 00, 01 | predictions | ``predicted_sum(n)``, ... | the formula | (no ranks) |
+| 02 | ``shard_indices`` | ``(size, rank, N) -> list`` | DistributedSampler's | (no ranks) |
+| 02 | ``naive_ddp`` | ``NaiveDDP(module)`` class | one process, global batch | bcast, reduces |
+| 00-02 | predictions | ``predicted_sum(n)``, ... | the formula | (no ranks) |
 
 The predictions (``predictions.py``: ``predicted_sum``, ``ring_sends_per_rank``,
-``ring_bytes_per_rank``, ``all_reduce_time``, ``crossover_size``, ``algbw_from_busbw``) call the
+``ring_bytes_per_rank``, ``all_reduce_time``, ``crossover_size``, ``algbw_from_busbw``,
+``ddp_payload_bytes``, ``ddp_bytes_per_step``) call the
 learner's formula on a grid of inputs, compare with ``labkit.theory`` and name the usual mistake
 without giving the formula away.
 
@@ -44,10 +47,15 @@ every message one chunk (floor or ceil of S/N elements), one send and one receiv
 ring checks run 1, 7, 12, 64, 1000 float32 and 12 float64 elements on 2, 3, 4 ranks.
 ``ring_reduce_scatter`` then ``ring_all_gather`` is a ring all-reduce and passes that check.
 ``all_reduce_via_rs_ag`` is a demo in notebook 01 now; the two ring phases replaced it there.
+``naive_ddp`` trains the learner's wrapper on 2 and 4 ranks on five small models that break
+naive wrappers (``labkit.models``: BatchNorm buffers, a frozen parameter, tied weights, a branch
+some steps do not use) and compares every parameter and buffer with one process trained on the
+global batch; ``_training.py`` runs that comparison, for notebooks 03 and 04 too.
 Each check takes ``timeout=`` (seconds per launch, default 10). How a grader works is meant to
 be read: ``nb00_setup.py``, ``nb01_collectives.py``, ``nb01_ring_phases.py``,
-``nb01_async.py``, ``predictions.py``; the ring in the ledger is ``_ring.py``, the cases and
-inputs ``_allreduce.py``, the shared machinery ``_core.py``.
+``nb01_async.py``, ``nb02_ddp.py``, ``predictions.py``; the ring in the ledger is ``_ring.py``,
+the cases and inputs ``_allreduce.py``, training on N ranks against one process
+``_training.py``, the shared machinery ``_core.py``.
 """
 from labkit.check._core import (FAILED, MIMETYPE, NOT_IMPLEMENTED, PASSED, CheckResult)
 from labkit.check._hints import hint
@@ -62,8 +70,14 @@ __all__ = ["CheckResult", "MIMETYPE", "PASSED", "FAILED", "NOT_IMPLEMENTED", "hi
 # Predictions (the learner's formulas, checked before the measurement) and the async exercise.
 from labkit.check.nb01_async import all_reduce_while_computing  # noqa: E402
 from labkit.check.predictions import (algbw_from_busbw, all_reduce_time,  # noqa: E402
-                                      crossover_size, predicted_sum, ring_bytes_per_rank,
-                                      ring_sends_per_rank)
+                                      crossover_size, ddp_bytes_per_step, ddp_payload_bytes,
+                                      predicted_sum, ring_bytes_per_rank, ring_sends_per_rank)
 
 __all__ += ["all_reduce_while_computing", "predicted_sum", "ring_sends_per_rank",
-            "ring_bytes_per_rank", "all_reduce_time", "crossover_size", "algbw_from_busbw"]
+            "ring_bytes_per_rank", "all_reduce_time", "crossover_size", "algbw_from_busbw",
+            "ddp_payload_bytes", "ddp_bytes_per_step"]
+
+# Notebook 02: sharded data and a naive DDP wrapper.
+from labkit.check.nb02_ddp import naive_ddp, shard_indices  # noqa: E402
+
+__all__ += ["shard_indices", "naive_ddp"]

@@ -9,7 +9,8 @@ measurement cells then print the learner's own prediction beside the measured va
 
 The references are the ring model of ``labkit.theory`` (its docstring cites the sources): a ring
 all-reduce of S bytes on N ranks takes 2(N-1) steps and sends 2(N-1)/N · S bytes per rank;
-under the α-β model it takes 2(N-1)·α + 2(N-1)/N · S·β.
+under the α-β model it takes 2(N-1)·α + 2(N-1)/N · S·β. In DDP (notebook 02) S is the whole
+trainable gradient on every rank, whatever N (``theory.ddp_bytes_per_step``).
 """
 import math
 import numbers
@@ -172,3 +173,55 @@ def algbw_from_busbw(fn):
                   "the factor goes the other way: busbw = algbw · 2(n-1)/n"),
                  (lambda b, n: b, "on 2 ranks they are equal, but not on more")])
     return "matches busbw / (2(n-1)/n)", {}
+
+
+# --- notebook 02: what DDP moves per step ---------------------------------------------------------
+
+# (num_params, N, bytes per gradient element): the payload does not depend on N; 1 rank included.
+_P_N_B = [(1_000_000, 2, 4), (1000, 3, 4), (12, 4, 8), (7, 5, 2), (10**9, 64, 2), (4096, 1, 4)]
+
+register("ddp_payload_bytes", [
+    "What does ONE rank hand to its all-reduce after backward: its own gradients, or a share of "
+    "them? How many elements, and how many bytes each?",
+    "Every rank all-reduces every trainable gradient, whole: num_params elements of "
+    "bytes_per_grad bytes each. The number of ranks does not change what one rank holds.",
+])
+register("ddp_bytes_per_step", [
+    "Start from ddp_payload_bytes: that is S, the tensor being all-reduced. Notebook 01: how many "
+    "bytes does one rank send in a ring all-reduce of S bytes?",
+    "ring_bytes_per_rank(S, N) from notebook 01, with S = ddp_payload_bytes(...).",
+])
+
+
+@exercise("ddp_payload_bytes")
+def ddp_payload_bytes(fn):
+    """``fn(num_params, N, bytes_per_grad)``: bytes one rank all-reduces per step in DDP (the
+    ledger's payload) for num_params trainable parameters."""
+    _compare("ddp_payload_bytes", fn, _P_N_B, lambda p, n, b: p * b, [
+        (lambda p, n, b: p * b / n, "that would be a 1/N share of the gradients: DDP does not "
+                                    "shard, every rank holds the whole model and all-reduces "
+                                    "all of its gradient (ZeRO is what shards)"),
+        (lambda p, n, b: p * b * n, "the payload is this rank's own gradient buffer; the "
+                                    "all-reduce does not make it N times larger"),
+        (lambda p, n, b: p, "that counts elements; the payload is in bytes"),
+        (lambda p, n, b: theory.wire_bytes("all_reduce", p * b, n),
+         "that is what a ring sends per rank (next prediction); the payload is the buffer "
+         "itself")])
+    return "matches the whole gradient's bytes, whatever N", {}
+
+
+@exercise("ddp_bytes_per_step")
+def ddp_bytes_per_step(fn):
+    """``fn(num_params, N, bytes_per_grad)``: bytes one rank sends per DDP step, ring model."""
+    _compare("ddp_bytes_per_step", fn, _P_N_B, theory.ddp_bytes_per_step, [
+        (lambda p, n, b: p * b, "that is the payload; a ring all-reduce sends a different "
+                                "amount per rank (and nothing at all on 1 rank)"),
+        (lambda p, n, b: (n - 1) / n * p * b, "that is one phase of the ring; the all-reduce "
+                                              "has two"),
+        (lambda p, n, b: 2 * p * b, "close for large N, but not exact: the ring sends "
+                                    "2(N-1) chunks of S/N"),
+        (lambda p, n, b: 2 * (n - 1) / n * p, "that counts elements; multiply by the bytes "
+                                              "per gradient"),
+        (lambda p, n, b: 2 * (n - 1) / n * p * b / n,
+         "every rank all-reduces its whole gradient, not a 1/N share (DDP replicates)")])
+    return "matches labkit.theory.ddp_bytes_per_step for every case tried", {}
