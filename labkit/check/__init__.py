@@ -33,6 +33,10 @@ answer): ``labkit.check.hint("ring_all_reduce", 1)``.
 | 01 | ``all_reduce_via_rs_ag`` | ``(tensor) -> None`` | the sum on every rank | one RS, one AG |
 | 02 | ``shard_indices`` | ``(size, rank, N) -> list`` | DistributedSampler's | (no ranks) |
 | 02 | ``naive_ddp`` | ``NaiveDDP(module)`` class | one process, global batch | bcast, reduces |
+| 03 | ``overlapped_ddp`` | ``OverlappedDDP(module)`` class | one process, global batch | async, in backward |
+| 03 | ``bucketed_ddp`` | ``BucketedDDP(module, bucket_bytes)`` | one process, global batch | reverse buckets |
+| 03 | ``bucket_sizes`` | ``(param_bytes, bucket_bytes) -> list`` | the bucket rule | (no ranks) |
+| 03 | ``backward_and_sync_time`` | ``(buckets, backward_s, N, alpha, beta)`` | the overlap model | (no ranks) |
 | 00-02 | predictions | ``predicted_sum(n)``, ... | the formula | (no ranks) |
 
 The predictions (``predictions.py``: ``predicted_sum``, ``ring_sends_per_rank``,
@@ -57,27 +61,27 @@ be read: ``nb00_setup.py``, ``nb01_collectives.py``, ``nb01_ring_phases.py``,
 the cases and inputs ``_allreduce.py``, training on N ranks against one process
 ``_training.py``, the shared machinery ``_core.py``.
 """
-from labkit.check._core import (FAILED, MIMETYPE, NOT_IMPLEMENTED, PASSED, CheckResult)
+from labkit.check._core import FAILED, MIMETYPE, NOT_IMPLEMENTED, PASSED, CheckResult
 from labkit.check._hints import hint
 from labkit.check.nb00_setup import sum_of_ranks
+from labkit.check.nb01_async import all_reduce_while_computing
 from labkit.check.nb01_collectives import all_reduce_via_rs_ag, ring_all_reduce
 from labkit.check.nb01_ring_phases import ring_all_gather, ring_reduce_scatter
+from labkit.check.nb02_ddp import naive_ddp, shard_indices
+from labkit.check.nb03_buckets import (backward_and_sync_time, bucket_sizes, bucketed_ddp,
+                                       overlapped_ddp)
+from labkit.check.predictions import (algbw_from_busbw, all_reduce_time, crossover_size,
+                                      ddp_bytes_per_step, ddp_payload_bytes, predicted_sum,
+                                      ring_bytes_per_rank, ring_sends_per_rank)
 
 __all__ = ["CheckResult", "MIMETYPE", "PASSED", "FAILED", "NOT_IMPLEMENTED", "hint",
-           "sum_of_ranks", "ring_all_reduce", "ring_reduce_scatter", "ring_all_gather",
-           "all_reduce_via_rs_ag"]
-
-# Predictions (the learner's formulas, checked before the measurement) and the async exercise.
-from labkit.check.nb01_async import all_reduce_while_computing  # noqa: E402
-from labkit.check.predictions import (algbw_from_busbw, all_reduce_time,  # noqa: E402
-                                      crossover_size, ddp_bytes_per_step, ddp_payload_bytes,
-                                      predicted_sum, ring_bytes_per_rank, ring_sends_per_rank)
-
-__all__ += ["all_reduce_while_computing", "predicted_sum", "ring_sends_per_rank",
-            "ring_bytes_per_rank", "all_reduce_time", "crossover_size", "algbw_from_busbw",
-            "ddp_payload_bytes", "ddp_bytes_per_step"]
-
-# Notebook 02: sharded data and a naive DDP wrapper.
-from labkit.check.nb02_ddp import naive_ddp, shard_indices  # noqa: E402
-
-__all__ += ["shard_indices", "naive_ddp"]
+           # 00
+           "sum_of_ranks", "predicted_sum",
+           # 01
+           "ring_all_reduce", "ring_reduce_scatter", "ring_all_gather", "all_reduce_via_rs_ag",
+           "all_reduce_while_computing", "ring_sends_per_rank", "ring_bytes_per_rank",
+           "all_reduce_time", "crossover_size", "algbw_from_busbw",
+           # 02
+           "shard_indices", "naive_ddp", "ddp_payload_bytes", "ddp_bytes_per_step",
+           # 03
+           "overlapped_ddp", "bucketed_ddp", "bucket_sizes", "backward_and_sync_time"]
