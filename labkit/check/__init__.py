@@ -37,6 +37,10 @@ answer): ``labkit.check.hint("ring_all_reduce", 1)``.
 | 03 | ``bucketed_ddp`` | ``BucketedDDP(module, bucket_bytes)`` | one process, global batch | reverse buckets |
 | 03 | ``bucket_sizes`` | ``(param_bytes, bucket_bytes) -> list`` | the bucket rule | (no ranks) |
 | 03 | ``backward_and_sync_time`` | ``(buckets, backward_s, N, alpha, beta)`` | the overlap model | (no ranks) |
+| 04 | ``accumulation_step`` | ``(model, optimizer, micro_batches)`` | one big batch | k backwards |
+| 04 | ``no_sync_ddp`` | ``AccumulatingDDP`` class | one process, global batch | quiet in no_sync |
+| 04 | ``token_accumulation`` | ``(ddp, micro_batches)`` | one process, all tokens | one count reduce |
+| 04 | ``sync_bytes_per_step``, ``activation_memory_ratio``, ``model_state_bytes`` | formulas | the formula | (no ranks) |
 | 00-02 | predictions | ``predicted_sum(n)``, ... | the formula | (no ranks) |
 
 The predictions (``predictions.py``: ``predicted_sum``, ``ring_sends_per_rank``,
@@ -70,6 +74,9 @@ from labkit.check.nb01_ring_phases import ring_all_gather, ring_reduce_scatter
 from labkit.check.nb02_ddp import naive_ddp, shard_indices
 from labkit.check.nb03_buckets import (backward_and_sync_time, bucket_sizes, bucketed_ddp,
                                        overlapped_ddp)
+from labkit.check.nb04_accumulation import (accumulation_step, activation_memory_ratio,
+                                            model_state_bytes, no_sync_ddp, sync_bytes_per_step,
+                                            token_accumulation)
 from labkit.check.predictions import (algbw_from_busbw, all_reduce_time, crossover_size,
                                       ddp_bytes_per_step, ddp_payload_bytes, predicted_sum,
                                       ring_bytes_per_rank, ring_sends_per_rank)
@@ -84,4 +91,7 @@ __all__ = ["CheckResult", "MIMETYPE", "PASSED", "FAILED", "NOT_IMPLEMENTED", "hi
            # 02
            "shard_indices", "naive_ddp", "ddp_payload_bytes", "ddp_bytes_per_step",
            # 03
-           "overlapped_ddp", "bucketed_ddp", "bucket_sizes", "backward_and_sync_time"]
+           "overlapped_ddp", "bucketed_ddp", "bucket_sizes", "backward_and_sync_time",
+           # 04
+           "accumulation_step", "no_sync_ddp", "token_accumulation", "sync_bytes_per_step",
+           "activation_memory_ratio", "model_state_bytes"]
