@@ -71,3 +71,17 @@ def test_theory_names_the_steps_and_the_bus_factor():
     assert theory.ring_steps("all_gather", 4) == 3 and theory.ring_steps("send", 1) == 1
     assert theory.busbw_factor("all_reduce", 4) == pytest.approx(1.5)
     assert theory.busbw("all_reduce", 10, 1, 4) == pytest.approx(10 * 1.5)
+
+
+def test_a_not_implemented_error_from_torch_is_a_crash_not_the_stub():
+    """Only the learner's own stub means "not implemented"; torch's NotImplementedError (an op
+    without a kernel for this dtype) is a bug in the learner's formula, with its message."""
+    import torch
+
+    def uses_an_op_torch_lacks(n):
+        raise NotImplementedError("Could not run 'aten::x' with arguments from the 'CPU' backend")
+
+    uses_an_op_torch_lacks.__code__ = uses_an_op_torch_lacks.__code__.replace(
+        co_filename=torch.__file__)   # as if raised inside torch
+    result = predictions.ring_sends_per_rank(uses_an_op_torch_lacks)
+    assert not result.passed and "Could not run" in result.hint, result.status

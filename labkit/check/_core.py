@@ -183,6 +183,20 @@ def call_learner(fn, *args, case: str = ""):
         raise LearnerCrash(f"{case} :: {type(exc).__name__}: {exc}") from exc
 
 
+def call_here(fn, *args, who: str):
+    """Call the learner's function in the notebook's own process (a formula, a sampler, a
+    training step): the stub means "not implemented yet", any other exception becomes a hint
+    that starts with ``who`` ("shard_indices(10, 0, 4)"), never a traceback."""
+    try:
+        return fn(*args)
+    except NotImplementedError as exc:
+        if not _raised_in_torch(exc):
+            raise NotImplementedYet() from None
+        raise Failed(f"{who} raised {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a wrong function is a hint, not a traceback
+        raise Failed(f"{who} raised {type(exc).__name__}: {exc}") from None
+
+
 def _raised_in_torch(exc) -> bool:
     tb = exc.__traceback__
     while tb.tb_next is not None:

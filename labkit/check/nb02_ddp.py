@@ -40,7 +40,7 @@ from torch.utils.data import DistributedSampler
 
 from labkit import models
 from labkit.check import _training
-from labkit.check._core import Failed, NotImplementedYet, Ranks, exercise
+from labkit.check._core import Failed, Ranks, call_here, exercise
 from labkit.check._hints import register
 
 # --- shard_indices ------------------------------------------------------------------------------
@@ -67,12 +67,7 @@ def _sampler(size: int, rank: int, n: int, drop_last: bool = False) -> list:
 
 def _indices(fn, size, rank, n) -> list:
     args = (size, rank, n)
-    try:
-        value = fn(*args)
-    except NotImplementedError:
-        raise NotImplementedYet() from None
-    except Exception as exc:  # noqa: BLE001 - a wrong function is a hint, not a traceback
-        raise Failed(f"shard_indices{args} raised {type(exc).__name__}: {exc}") from None
+    value = call_here(fn, *args, who=f"shard_indices{args}")
     if isinstance(value, torch.Tensor):
         value = value.tolist()
     try:

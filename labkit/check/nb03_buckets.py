@@ -48,7 +48,7 @@ import torch.distributed as dist
 
 from labkit import models, theory
 from labkit.check import _training, nb02_ddp
-from labkit.check._core import Failed, Ranks, exercise
+from labkit.check._core import Failed, Ranks, call_here, exercise
 from labkit.check._hints import register
 from labkit.check.predictions import _compare
 
@@ -149,13 +149,7 @@ _BUCKET_CASES = [([120, 24, 72, 12], 64), ([120, 24, 72, 12], 1000), ([120, 24, 
 
 
 def _bucket_list(fn, params, cap):
-    try:
-        value = fn(list(params), cap)
-    except NotImplementedError:
-        from labkit.check._core import NotImplementedYet
-        raise NotImplementedYet() from None
-    except Exception as exc:  # noqa: BLE001 - a wrong prediction is a hint, not a traceback
-        raise Failed(f"bucket_sizes({params}, {cap}) raised {type(exc).__name__}: {exc}") from None
+    value = call_here(fn, list(params), cap, who=f"bucket_sizes({params}, {cap})")
     try:
         return [int(v) for v in value]
     except (TypeError, ValueError):

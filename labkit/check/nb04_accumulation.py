@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from labkit import models, theory
 from labkit.check import _training, nb02_ddp, nb03_buckets
-from labkit.check._core import Failed, NotImplementedYet, Ranks, call_learner, exercise
+from labkit.check._core import Failed, Ranks, call_here, call_learner, exercise
 from labkit.check._hints import register
 from labkit.check.predictions import _compare
 from labkit.comm import CommCounter
@@ -229,13 +229,8 @@ def _accumulate_here(fn, run, k):
     backwards = []
     for step, (x, y) in enumerate(run.batches):
         fired.clear()
-        try:
-            fn(model, optimizer, _micro(x.clone(), y.clone(), k))
-        except NotImplementedError:
-            raise NotImplementedYet() from None
-        except Exception as exc:  # noqa: BLE001 - a hint, not a traceback
-            raise Failed(f"with {run.label}, k={k}, step {step}: accumulation_step raised "
-                         f"{type(exc).__name__}: {exc}") from None
+        call_here(fn, model, optimizer, _micro(x.clone(), y.clone(), k),
+                  who=f"with {run.label}, k={k}, step {step}: accumulation_step")
         backwards.append(max(fired.values(), default=0))
     return _training.snapshot(model), backwards
 

@@ -16,7 +16,7 @@ import math
 import numbers
 
 from labkit import theory
-from labkit.check._core import Failed, NotImplementedYet, exercise
+from labkit.check._core import Failed, call_here, exercise
 from labkit.check._hints import register
 
 RTOL = 1e-6   # the formulas are exact; this only absorbs the order of float operations
@@ -27,12 +27,7 @@ _ALPHA_BETA = [(20e-6, 1 / 5e9), (1e-3, 1e-9), (5e-6, 1 / 100e9)]
 
 def _call(name, fn, *args):
     """The learner's value as a float; the stub means "not implemented", anything else a hint."""
-    try:
-        value = fn(*args)
-    except NotImplementedError:
-        raise NotImplementedYet() from None
-    except Exception as exc:  # noqa: BLE001 - a wrong prediction is a hint, not a traceback
-        raise Failed(f"{name}{args} raised {type(exc).__name__}: {exc}") from None
+    value = call_here(fn, *args, who=f"{name}{args}")
     if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
         value = value.item()
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
