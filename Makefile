@@ -71,6 +71,7 @@ bench: install-test
 	$(PY) bench/launch_speed.py
 	$(PY) bench/memory_overhead.py
 	$(PY) bench/ddp_vs_torch.py
+	$(PY) bench/zero1_vs_torch.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache $(VENV)/*.stamp $(TORCH_LOCK)

@@ -293,6 +293,9 @@ class _Clock:
                 self.end.record(torch.cuda.current_stream(self.device))
         elif self.seconds is None:
             self.seconds = time.perf_counter() - self.t0
+        # The future holds the op's output tensors: let them go, so that a ledger kept open
+        # does not keep alive what the learner's code freed (MemoryTracer would count it).
+        self.future = None
 
     def stop_when_done(self, work, synchronous):
         """Stop now for a synchronous call (after waiting, as torch is about to), else when the

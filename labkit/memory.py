@@ -33,8 +33,10 @@ Not seen: scratch memory inside one op, memory that is no tensor (gloo/NCCL inte
 caching allocator's rounding and caches: compare with ``cuda_peak``), sparse tensors, and a tensor
 made before the ``with`` that no op, model or optimizer touches. A storage resized behind the ops'
 back (``storage.resize_``, as FSDP does) is re-read when an op uses it, at a mark, and, once it
-was seen to change size, before every new peak. Activation checkpointing installs its own
-saved-tensor hooks, so what it keeps counts as "other". Use one tracer at a time.
+was seen to change size, before every new peak. Activation checkpointing
+(``torch.utils.checkpoint``, ``use_reentrant=False``) saves each checkpoint's inputs through
+autograd, which counts as "activations"; what it recomputes during backward goes through saved-
+tensor hooks of its own and counts as "other". Use one tracer at a time.
 
 Threads: autograd, DDP's hooks and gloo's callbacks run on threads of their own, and torch frees a
 storage on whichever thread lets go of it last. So the books change only under one lock, and

@@ -139,3 +139,52 @@ def collective_picture(before, after, title: str | None = None, axes=None, fmt: 
     if title:
         axes[0].figure.suptitle(title)
     return axes[0], axes[1]
+
+
+MARKS = ("enter", "after forward", "before optimizer.step", "after optimizer.step", "exit")
+
+
+def memory_timeline(timeline, unit: str = "MB", title: str | None = None, ax=None,
+                    marks: bool = True):
+    """Bytes by category after each op of a ``MemoryTracer`` timeline, stacked, with its marks.
+
+    timeline: ``mem.timeline``, a list of (event, total bytes, {category: bytes}), one entry per
+    op that changed the total and one per mark (the start of the ``with``, the end of each
+    forward, the start and end of each ``optimizer.step()``, the end of the ``with``). The x axis
+    is the entry's index; marks are dotted vertical lines, labelled; a triangle marks the first
+    entry with the largest total (the tracer's peak when the timeline starts at ``enter``).
+    Returns the matplotlib Axes.
+    """
+    import matplotlib.pyplot as plt
+
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {', '.join(UNITS)}, got {unit!r}")
+    if not timeline:
+        raise ValueError("the timeline is empty: trace with MemoryTracer(..., timeline=True)")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 3.5))
+    scale = UNITS[unit]
+    x = list(range(len(timeline)))
+    shown = [c for c in CATEGORIES if any(by.get(c, 0) for _, _, by in timeline)]
+    ax.stackplot(x, *[[by.get(c, 0) / scale for _, _, by in timeline] for c in shown],
+                 labels=shown, colors=[COLOURS[c] for c in shown], step="post")
+    totals = [total / scale for _, total, _ in timeline]
+    top = max(totals)
+    if marks:
+        at = [i for i, (event, _, _) in enumerate(timeline) if event in MARKS]
+        for n, i in enumerate(at):
+            ax.axvline(i, color="black", linestyle=":", linewidth=0.8)
+            # hanging from the top of the axes; alternately right and left of their line, so
+            # that adjacent marks stay legible
+            ax.text(i, 0.98, f" {timeline[i][0]} ", rotation=90, fontsize="x-small", va="top",
+                    ha="left" if n % 2 == 0 else "right", transform=ax.get_xaxis_transform())
+    peak = totals.index(top)
+    ax.plot([peak], [top], marker="v", color="black", linestyle="none",
+            label=f"peak {top:.3g} {unit}")
+    ax.set_xlim(-1, len(timeline))
+    ax.set_ylim(0, top * (1.7 if marks else 1.1) or 1)
+    ax.set_xlabel("op (each entry of the timeline)")
+    ax.set_ylabel(f"live tensor memory ({unit})")
+    ax.set_title(title or "Memory by category, op by op")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return ax

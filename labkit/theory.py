@@ -1,9 +1,10 @@
 """The formulas the course measures against. Plain Python: no torch needed.
 
 Every function names its source; numbers are bytes (not GiB) and seconds unless a name says
-otherwise. Four groups: ZeRO model-state memory (with the paper's Table 1), collective costs
-(bytes on the wire, alpha-beta time, nccl-tests bandwidths), bytes moved per training step, and
-transformer size (parameters, activations).
+otherwise. Five groups: ZeRO model-state memory (with the paper's Table 1), collective costs
+(bytes on the wire, alpha-beta time, nccl-tests bandwidths), bytes moved per training step,
+transformer size (parameters, activations), and model states by optimizer and precision with one
+transformer layer's activations item by item.
 """
 from decimal import ROUND_FLOOR, ROUND_HALF_UP, Decimal
 
@@ -381,3 +382,91 @@ def transformer_activation_bytes(seq_len: int, batch: int, hidden: int, heads: i
     linear_part = 34 / t if sequence_parallel else 10 + 24 / t
     attention_scores = 0 if recompute == "selective" else 5 * a * s / (h * t)
     return layers * sbh * (linear_part + attention_scores)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model states by optimizer and precision; one transformer layer's activations, item by item
+# ---------------------------------------------------------------------------------------------
+
+OPTIMIZERS = ("sgd", "sgd_momentum", "adam")
+PRECISIONS = ("fp32", "bf16_mixed")
+
+# Bytes per parameter at rest after an optimizer step: (parameter, gradient, optimizer state).
+# fp32: the parameters and grads are float32; torch.optim.SGD keeps a momentum_buffer per
+# parameter only when momentum != 0 (torch 2.13 torch/optim/sgd.py), Adam exp_avg and exp_avg_sq
+# (torch/optim/adam.py). bf16_mixed: bfloat16 parameters and grads; the optimizer updates an fp32
+# master copy of the weights and keeps its own state in fp32 (Micikevicius et al., arXiv
+# 1710.03740; the ZeRO paper, §3.1, counts the master copy in K: 2 + 2 + 12 for Adam).
+_STATE_BYTES = {
+    ("sgd", "fp32"): (4, 4, 0), ("sgd_momentum", "fp32"): (4, 4, 4), ("adam", "fp32"): (4, 4, 8),
+    ("sgd", "bf16_mixed"): (2, 2, 4), ("sgd_momentum", "bf16_mixed"): (2, 2, 8),
+    ("adam", "bf16_mixed"): (2, 2, 12),
+}
+
+
+def state_bytes_per_param(optimizer: str, precision: str) -> tuple:
+    """(parameter, gradient, optimizer state) bytes per parameter at rest after a step.
+
+    optimizer: "sgd" (no momentum), "sgd_momentum" or "adam"; precision: "fp32", or
+    "bf16_mixed" (bf16 parameters and gradients, an fp32 master copy of the weights owned by the
+    optimizer, its state in fp32). Adam in bf16_mixed is the ZeRO paper's 2 + 2 + K with K = 12
+    (§3.1); fp32 Adam is 4 + 4 + 8: no master copy (ground-truth note, misconception 12).
+    Not counted: Adam's ``step``, one scalar per parameter *tensor* (4 bytes each in torch 2.13),
+    and the fp32 gradient copies the mixed recipe makes for the step and frees after it.
+    """
+    if optimizer not in OPTIMIZERS or precision not in PRECISIONS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS} and precision one of "
+                         f"{PRECISIONS}, got {optimizer!r}, {precision!r}")
+    return _STATE_BYTES[optimizer, precision]
+
+
+def model_state_breakdown(num_params: float, optimizer: str = "adam",
+                          precision: str = "bf16_mixed") -> dict:
+    """{"params", "grads", "optimizer"}: model-state bytes of one process at rest after a step,
+    for ``num_params`` parameters (see `state_bytes_per_param`)."""
+    per_param = state_bytes_per_param(optimizer, precision)
+    return dict(zip(("params", "grads", "optimizer"), (b * num_params for b in per_param)))
+
+
+def layer_activation_items(seq_len: int, batch: int, hidden: int, heads: int,
+                           value_bytes: float = 2, dropout: bool = True,
+                           mask_bytes: float = 1) -> dict:
+    """What one transformer layer keeps for backward, item by item, in bytes (Korthikanti et
+    al., arXiv 2205.05198, §4.1, no parallelism): {item: bytes}.
+
+    With the paper's assumptions (16-bit values, ``value_bytes=2``; 1-byte dropout masks) the
+    items add up to Eq. 1, sbh(34 + 5as/h): attention 11sbh + 5as²b, MLP 19sbh, the two
+    LayerNorms 4sbh. ``value_bytes=4`` is fp32. Without dropout (``dropout=False``) the three
+    masks are gone and so is the softmax dropout's output: attention over V then reads the
+    softmax output itself, one tensor kept once. Small buffers (LayerNorm's mean and variance)
+    are ignored, as in the paper.
+    """
+    s, b, h, a, v = seq_len, batch, hidden, heads, value_bytes
+    sbh, ass_b = s * b * h, a * s * s * b
+    items = {
+        "attention: QKV input": v * sbh,
+        "attention: Q and K": 2 * v * sbh,
+        "attention: softmax output": v * ass_b,
+        "attention: softmax dropout mask": mask_bytes * ass_b,
+        "attention: softmax dropout output": v * ass_b,
+        "attention: V": v * sbh,
+        "attention: output projection input": v * sbh,
+        "attention: dropout mask": mask_bytes * sbh,
+        "MLP: first linear input": v * sbh,
+        "MLP: GeLU input": 4 * v * sbh,
+        "MLP: second linear input": 4 * v * sbh,
+        "MLP: dropout mask": mask_bytes * sbh,
+        "LayerNorm inputs (two)": 2 * v * sbh,
+    }
+    if not dropout:
+        items = {item: n for item, n in items.items() if "dropout" not in item}
+    return items
+
+
+def layer_activation_bytes(seq_len: int, batch: int, hidden: int, heads: int,
+                           value_bytes: float = 2, dropout: bool = True,
+                           mask_bytes: float = 1) -> float:
+    """The sum of `layer_activation_items`: sbh(34 + 5as/h) with the paper's defaults; in fp32
+    without dropout, 4 · (16sbh + as²b)."""
+    return sum(layer_activation_items(seq_len, batch, hidden, heads, value_bytes, dropout,
+                                      mask_bytes).values())

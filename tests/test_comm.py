@@ -357,8 +357,31 @@ def test_an_async_op_has_no_time_while_running_and_gets_one_when_done(behaviour)
     assert len(done) == 1 and done[0] is not None and done[0] >= 0   # filled in after the block
 
 
+def freed_inside_the_ledger():
+    """Whether an async op's tensor is still alive once the learner's code let go of it, inside
+    an open ledger (the ledger must not keep it: MemoryTracer would count it)."""
+    import gc
+    import weakref
+    with CommCounter() as ledger:
+        t = torch.ones(ELEMS)
+        work = dist.all_reduce(t, async_op=True)
+        work.wait()
+        alive = weakref.ref(t)
+        del t, work
+        gc.collect()
+        kept = alive() is not None
+    return kept, [c.seconds is not None for c in ledger.calls]
+
+
+def test_an_open_ledger_does_not_keep_a_finished_async_op_s_tensors(behaviour):
+    for kept, timed in (rank["freed"] for rank in behaviour):
+        assert not kept
+        assert timed == [True]
+
+
 def ledger_behaviour():
     return {"scope": scope_and_nesting(), "pending": pending_async(),
+            "freed": freed_inside_the_ledger(),
             "unknown": unknown_op()}        # last: it edits the op table of this rank
 
 

@@ -76,3 +76,33 @@ def test_calculator_displays_as_a_widget_in_a_kernel():
     NotebookClient(notebook, timeout=120, kernel_name="python3").execute()
     outputs = notebook.cells[0].outputs
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
+
+
+def test_memory_timeline_stacks_the_tracer_timeline_and_marks_its_peak():
+    timeline = [
+        ("enter", 4e6, {"params": 4e6}),
+        ("forward aten.mm.default", 5e6, {"params": 4e6, "activations": 1e6}),
+        ("after forward", 5e6, {"params": 4e6, "activations": 1e6}),
+        ("backward aten.mm.default", 9e6, {"params": 4e6, "grads": 4e6, "activations": 1e6}),
+        ("before optimizer.step", 8e6, {"params": 4e6, "grads": 4e6}),
+        ("optimizer.step aten.div.Tensor", 17e6, {"params": 4e6, "grads": 4e6, "other": 9e6}),
+        ("after optimizer.step", 16e6, {"params": 4e6, "grads": 4e6, "optimizer": 8e6}),
+    ]
+    ax = plots.memory_timeline(timeline, unit="MB")
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels[:5] == ["params", "grads", "optimizer", "activations", "other"]
+    assert labels[5] == "peak 17 MB"
+    dotted = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
+    assert [line.get_xdata()[0] for line in dotted] == [0, 2, 4, 6]
+    peak = next(line for line in ax.get_lines() if line.get_marker() == "v")
+    assert (peak.get_xdata()[0], peak.get_ydata()[0]) == (5, 17)
+    # the stack's top edge at each entry is the entry's total
+    tops = ax.collections[-1].get_paths()[0].vertices[:, 1].max()
+    assert tops == pytest.approx(17)
+
+
+def test_memory_timeline_rejects_an_empty_timeline_and_an_unknown_unit():
+    with pytest.raises(ValueError, match="empty"):
+        plots.memory_timeline([])
+    with pytest.raises(ValueError, match="unit must be one of"):
+        plots.memory_timeline([("enter", 1, {"params": 1})], unit="parsecs")

@@ -49,6 +49,7 @@ def test_the_right_formula_passes(name):
 def test_each_usual_mistake_gets_its_hint(name, fn, hint):
     result = getattr(predictions, name)(fn)
     assert not result.passed and hint in result.hint, result.hint
+    assert f"{name}: {name}:" not in result.line, result.line   # the name once
 
 
 def test_a_stub_is_not_implemented_and_a_crash_is_a_hint():
@@ -64,6 +65,7 @@ def test_a_stub_is_not_implemented_and_a_crash_is_a_hint():
 def test_the_hint_does_not_give_the_formula_away():
     result = predictions.ring_bytes_per_rank(lambda s, n: 0.0)
     assert not result.passed and "2(N-1)" not in result.hint and "returned 0" in result.hint
+    assert "picture of the ring" in result.hint                 # ring advice for a ring formula
 
 
 def test_theory_names_the_steps_and_the_bus_factor():

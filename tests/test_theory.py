@@ -339,3 +339,95 @@ def test_bad_input_raises_a_clear_value_error(call, message):
 def test_theory_does_not_import_torch():
     source = open(theory.__file__).read()
     assert "import torch" not in source
+
+
+# --- model states by optimizer and precision (notebook 05) --------------------------------------
+
+def test_state_bytes_per_param_is_zero_s_mixed_adam_and_plain_fp32():
+    """ZeRO §3.1: mixed-precision Adam is 2 + 2 + K with K = 12; fp32 Adam has no master copy
+    (4 + 4 + 8), the same 16 bytes. Ground-truth note §9.2: 1M parameters, fp32 Adam."""
+    assert theory.state_bytes_per_param("adam", "bf16_mixed") == (2, 2, 12)
+    assert theory.state_bytes_per_param("adam", "fp32") == (4, 4, 8)
+    assert sum(theory.state_bytes_per_param("adam", "fp32")) == 16
+    assert theory.model_state_breakdown(1_000_000, "adam", "fp32") == {
+        "params": 4_000_000, "grads": 4_000_000, "optimizer": 8_000_000}
+    assert theory.state_bytes_per_param("sgd", "fp32")[2] == 0
+    for optimizer in theory.OPTIMIZERS:   # the master copy: 4 more bytes of optimizer state
+        fp32 = theory.state_bytes_per_param(optimizer, "fp32")
+        mixed = theory.state_bytes_per_param(optimizer, "bf16_mixed")
+        assert mixed == (fp32[0] / 2, fp32[1] / 2, fp32[2] + 4)
+
+
+def test_state_bytes_agree_with_the_memory_calculator():
+    from labkit import widgets
+    names = {"sgd": "SGD", "sgd_momentum": "SGD + momentum", "adam": "Adam"}
+    for optimizer, shown in names.items():
+        for precision, widget_precision in (("fp32", "fp32"), ("bf16_mixed", "mixed")):
+            assert widgets.BYTES_PER_PARAM[widget_precision, shown] == \
+                theory.state_bytes_per_param(optimizer, precision)
+
+
+@pytest.mark.parametrize("optimizer, precision", [("Adam", "fp32"), ("adam", "fp16"),
+                                                  ("lion", "bf16_mixed")])
+def test_state_bytes_reject_unknown_names(optimizer, precision):
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        theory.model_state_breakdown(10, optimizer, precision)
+
+
+# --- one layer's activations, item by item (Korthikanti et al. §4.1) -----------------------------
+
+@pytest.mark.parametrize("s, b, h, a", [(S, B, H, A), (1024, 8, 768, 12), (128, 4, 128, 4)])
+def test_layer_items_add_up_to_eq1_and_its_three_parts(s, b, h, a):
+    items = theory.layer_activation_items(s, b, h, a)
+    sbh, ass_b = s * b * h, a * s * s * b
+    assert sum(items.values()) == transformer_activation_bytes(s, b, h, a, 1)
+    assert theory.layer_activation_bytes(s, b, h, a) == sbh * (34 + 5 * a * s / h)
+    part = lambda prefix: sum(n for item, n in items.items() if item.startswith(prefix))  # noqa
+    assert part("attention") == 11 * sbh + 5 * ass_b
+    assert part("MLP") == 19 * sbh
+    assert part("LayerNorm") == 4 * sbh
+
+
+def test_layer_items_in_fp32_without_dropout():
+    s, b, h, a = 128, 4, 128, 4
+    items = theory.layer_activation_items(s, b, h, a, value_bytes=4, dropout=False)
+    assert not any("dropout" in item for item in items)
+    assert theory.layer_activation_bytes(s, b, h, a, value_bytes=4, dropout=False) == \
+        4 * (16 * s * b * h + a * s * s * b)
+
+
+def test_layer_items_match_what_a_plain_torch_block_saves():
+    """A pre-LayerNorm block in fp32 without dropout saves exactly the items, plus LayerNorm's
+    mean and rstd (s*b fp32 values each, two LayerNorms): counted by storage, as autograd keeps
+    them, parameters left out."""
+    import math
+
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    s, b, h, a = 16, 3, 32, 4
+    torch.manual_seed(0)
+    ln1, ln2 = nn.LayerNorm(h), nn.LayerNorm(h)
+    qkv, proj, fc1, fc2 = nn.Linear(h, 3 * h), nn.Linear(h, h), nn.Linear(h, 4 * h), \
+        nn.Linear(4 * h, h)
+    weights = {p.untyped_storage().data_ptr()
+               for m in (ln1, ln2, qkv, proj, fc1, fc2) for p in m.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights and t.dim() > 0:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    x = torch.randn(b, s, h, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        q, k, v = qkv(ln1(x)).split(h, dim=-1)
+        q, k, v = (t.view(b, s, a, h // a).transpose(1, 2) for t in (q, k, v))
+        probs = ((q @ k.transpose(-2, -1)) / math.sqrt(h // a)).softmax(dim=-1)
+        y = x + proj((probs @ v).transpose(1, 2).reshape(b, s, h))
+        y = y + fc2(F.gelu(fc1(ln2(y))))
+    layernorm_stats = 2 * 2 * s * b * 4
+    assert sum(saved.values()) == theory.layer_activation_bytes(
+        s, b, h, a, value_bytes=4, dropout=False) + layernorm_stats

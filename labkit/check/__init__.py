@@ -41,6 +41,13 @@ answer): ``labkit.check.hint("ring_all_reduce", 1)``.
 | 04 | ``no_sync_ddp`` | ``AccumulatingDDP`` class | one process, global batch | quiet in no_sync |
 | 04 | ``token_accumulation`` | ``(ddp, micro_batches)`` | one process, all tokens | one count reduce |
 | 04 | ``sync_bytes_per_step``, ``activation_memory_ratio``, ``model_state_bytes`` | formulas | the formula | (no ranks) |
+| 05 | ``predicted_bytes`` | ``(num_params, optimizer, precision) -> dict`` | MemoryTracer, 6 optimizer x precision pairs | (no ranks) |
+| 05 | ``mixed_precision_step`` | ``(params, master, optimizer)`` | the recipe, 3 steps | tracer: 2 + 2 + 12 at rest |
+| 05 | ``pos_gb`` | ``(psi, n_d) -> GB`` | ``theory.zero_memory``; Table 1's printed cells | (no ranks) |
+| 06 | ``zero1`` | ``ZeRO1(params, optimizer_class, **kw)`` | one process, global batch | one RS, one AG; state 1/N |
+| 06 | ``zero1_optimizer_bytes``, ``zero1_wire_bytes`` | formulas | the formula | (no ranks) |
+| 07 | ``zero2`` | ``ZeRO2(params, optimizer_class, bucket_bytes, **kw)`` | one process, global batch | RS in backward; grads 1/N |
+| 07 | ``zero2_state_bytes`` | formula | the formula | (no ranks) |
 | 00-02 | predictions | ``predicted_sum(n)``, ... | the formula | (no ranks) |
 
 The predictions (``predictions.py``: ``predicted_sum``, ``ring_sends_per_rank``,
@@ -59,9 +66,13 @@ ring checks run 1, 7, 12, 64, 1000 float32 and 12 float64 elements on 2, 3, 4 ra
 naive wrappers (``labkit.models``: BatchNorm buffers, a frozen parameter, tied weights, a branch
 some steps do not use) and compares every parameter and buffer with one process trained on the
 global batch; ``_training.py`` runs that comparison, for notebooks 03 and 04 too.
+``zero1`` and ``zero2`` train the learner's sharded optimizer (built like torch's
+``ZeroRedundancyOptimizer``) the same way, with ``_sharded.py``, and read each rank's optimizer
+state and gradient memory from ``MemoryTracer`` as well as the ledger; ``predicted_bytes`` and
+``mixed_precision_step`` (05) measure one process with the tracer.
 Each check takes ``timeout=`` (seconds per launch, default 10). How a grader works is meant to
 be read: ``nb00_setup.py``, ``nb01_collectives.py``, ``nb01_ring_phases.py``,
-``nb01_async.py``, ``nb02_ddp.py``, ``predictions.py``; the ring in the ledger is ``_ring.py``,
+``nb01_async.py``, ``nb02_ddp.py``, ``nb06_zero1.py``, ``predictions.py``; the ring in the ledger is ``_ring.py``,
 the cases and inputs ``_allreduce.py``, training on N ranks against one process
 ``_training.py``, the shared machinery ``_core.py``.
 """
@@ -77,6 +88,9 @@ from labkit.check.nb03_buckets import (backward_and_sync_time, bucket_sizes, buc
 from labkit.check.nb04_accumulation import (accumulation_step, activation_memory_ratio,
                                             model_state_bytes, no_sync_ddp, sync_bytes_per_step,
                                             token_accumulation)
+from labkit.check.nb05_memory import mixed_precision_step, pos_gb, predicted_bytes
+from labkit.check.nb06_zero1 import zero1, zero1_optimizer_bytes, zero1_wire_bytes
+from labkit.check.nb07_zero2 import zero2, zero2_state_bytes
 from labkit.check.predictions import (algbw_from_busbw, all_reduce_time, crossover_size,
                                       ddp_bytes_per_step, ddp_payload_bytes, predicted_sum,
                                       ring_bytes_per_rank, ring_sends_per_rank)
@@ -94,4 +108,10 @@ __all__ = ["CheckResult", "MIMETYPE", "PASSED", "FAILED", "NOT_IMPLEMENTED", "hi
            "overlapped_ddp", "bucketed_ddp", "bucket_sizes", "backward_and_sync_time",
            # 04
            "accumulation_step", "no_sync_ddp", "token_accumulation", "sync_bytes_per_step",
-           "activation_memory_ratio", "model_state_bytes"]
+           "activation_memory_ratio", "model_state_bytes",
+           # 05
+           "predicted_bytes", "mixed_precision_step", "pos_gb",
+           # 06
+           "zero1", "zero1_optimizer_bytes", "zero1_wire_bytes",
+           # 07
+           "zero2", "zero2_state_bytes"]

@@ -40,11 +40,16 @@ def _same(a, b):
     return math.isclose(a, b, rel_tol=RTOL, abs_tol=1e-12)
 
 
-def _compare(name, fn, cases, reference, mistakes):
+_RING = "go back to the picture of the ring and count again"
+
+
+def _compare(name, fn, cases, reference, mistakes,
+             advice="go back to the picture and count again"):
     """Call ``fn(*case)`` for every case; on the first wrong value, a hint.
 
     ``mistakes``: [(formula(*case), "what that formula means")]: when every case's value matches
-    one of them, the hint names that mistake; otherwise it shows the case and the value.
+    one of them, the hint names that mistake; otherwise it shows the case and the value, and
+    ``advice``. (The printed line already starts with the check's name.)
     """
     got = [_call(name, fn, *case) for case in cases]
     want = [reference(*case) for case in cases]
@@ -52,10 +57,10 @@ def _compare(name, fn, cases, reference, mistakes):
         return
     for formula, meaning in mistakes:
         if all(_same(g, formula(*case)) for g, case in zip(got, cases)):
-            raise Failed(f"{name}: {meaning}")
+            raise Failed(meaning)
     case, value = next((c, g) for c, g, w in zip(cases, got, want) if not _same(g, w))
     raise Failed(f"{name}{case} returned {value:.6g}, which is not what the model gives; "
-                 "go back to the picture of the ring and count again")
+                 f"{advice}")
 
 
 register("predicted_sum", [
@@ -107,7 +112,7 @@ def ring_sends_per_rank(fn):
                           "all-gather"),
         (lambda n: 2 * n, "one step too many per phase: after N-1 hops a chunk has visited "
                           "every rank"),
-        (lambda n: n, "count the steps of both phases")])
+        (lambda n: n, "count the steps of both phases")], advice=_RING)
     return "matches the ring's number of steps on 1 to 64 ranks", {}
 
 
@@ -121,7 +126,8 @@ def ring_bytes_per_rank(fn):
                                        "sends one chunk of S/N bytes"),
         (lambda s, n: 2 * s, "close for large N, but not exact: how many steps, "
                              "and how many bytes in each?"),
-        (lambda s, n: s, "a rank sends more than its own tensor: count the chunks it passes on")])
+        (lambda s, n: s, "a rank sends more than its own tensor: count the chunks it passes on")],
+        advice=_RING)
     return "matches the ring's bytes per rank for every (S, N) tried", {}
 
 
@@ -141,7 +147,7 @@ def all_reduce_time(fn):
         (lambda s, n, a, b: a + theory.wire_bytes("all_reduce", s, n) * b,
          "alpha is paid once per step of the ring, not once per all-reduce"),
         (lambda s, n, a, b: steps(n) * a + s * b,
-         "the bytes a rank sends are not S: use your ring_bytes_per_rank")])
+         "the bytes a rank sends are not S: use your ring_bytes_per_rank")], advice=_RING)
     return "matches the α-β ring model on every case tried", {}
 
 
@@ -154,7 +160,7 @@ def crossover_size(fn):
         (lambda n, a, b: a / b, "that is where alpha = S·beta: write out both terms of the ring "
                                 "with their factors in N, then solve for S"),
         (lambda n, a, b: b / a, "upside down: a larger latency alpha must move the crossing to "
-                                "larger messages")])
+                                "larger messages")], advice=_RING)
     return "matches the size where the two terms of the model are equal", {}
 
 
