@@ -17,7 +17,7 @@ prestart_if_wanted()  # in a notebook: the fork server imports torch while the n
 
 _LAZY = {"MemoryTracer": "labkit.memory", "CommCounter": "labkit.comm"}
 _SUBMODULES = ("theory", "simulate", "plots", "widgets", "memory", "comm", "compat",
-               "doctor", "check", "models")
+               "doctor", "check", "models", "stages")
 
 
 def __getattr__(name):
@@ -31,5 +31,6 @@ def __getattr__(name):
 
 __all__ = ["launch", "shutdown", "warm_up", "usable_cores", "LaunchError", "LaunchTimeout",
            "MemoryTracer",
-           "CommCounter", "theory", "simulate", "plots", "widgets", "check", "compat", "models"]
+           "CommCounter", "theory", "simulate", "plots", "widgets", "check", "compat", "models",
+           "stages"]
 __version__ = "0.1.0"

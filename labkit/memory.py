@@ -158,15 +158,18 @@ class MemoryTracer:
         state count from the start, though they were allocated before the ``with``.
     device: count only storages on this device type ("cpu", "cuda"); None counts all.
     timeline: record (event, total, by category) after each op that changed the total.
+    fake: count storages on the meta device too. A meta tensor holds no memory, so they are
+        skipped, but a fake tensor's storage (``FakeTensorMode``) is one: ``labkit.simulate``
+        measures fake tensors with ``fake=True``.
 
     After the ``with``: ``peak`` and ``current`` (bytes by category), ``peak_total``,
     ``peak_event`` (the phase and op that reached the peak), ``timeline``, and on CUDA
     ``cuda_allocated`` / ``cuda_peak`` from torch's allocator (None without CUDA).
     """
 
-    def __init__(self, model=None, optimizer=None, *, device=None, timeline=True):
+    def __init__(self, model=None, optimizer=None, *, device=None, timeline=True, fake=False):
         self.models, self.optimizers = _as_list(model), _as_list(optimizer)
-        self.device, self.record = device, timeline
+        self.device, self.record, self.fake = device, timeline, fake
         self._live, self._bytes, self._total = {}, dict.fromkeys(CATEGORIES, 0), 0
         self._resizable = set()            # entries seen to change size behind the ops' back
         self._lock = threading.RLock()     # around every change to the books
@@ -288,9 +291,9 @@ class MemoryTracer:
             entry = None
         new = entry is None
         if new:
-            if self.device is not None or not storage.data_ptr():  # meta has none: look closer
+            if self.device is not None or (not self.fake and not storage.data_ptr()):  # meta: 0
                 device = storage.device.type  # (slower than the rest of this function together)
-                if device == "meta" or self.device not in (None, device):
+                if (device == "meta" and not self.fake) or self.device not in (None, device):
                     return None
             entry = self._live[key] = _Entry(storage, self._note)  # its death: a note
             entry.key, entry.nbytes, entry.saved, entry.tag, entry.role = key, 0, 0, None, None

@@ -1,67 +1,66 @@
-"""Per-rank memory of ZeRO at any scale, without the memory: fake tensors on a fake process group.
+"""Per-rank memory of ZeRO at any scale, measured by running it on fake tensors.
 
 ``zero(7.5e9, world_size=64, stage=3)`` answers "how many bytes does one rank hold after one
-training step?" for a 7.5-billion-parameter model on 64 ranks. The first call in a process takes
-about 2 s (it imports torch's fake-tensor machinery), later ones about 0.01 s (on the course's
-2-core machine). What it does, as rank ``rank`` of ``world_size``, in this process:
+training step?" for a 7.5-billion-parameter model on 64 ranks, by running that step: rank
+``rank`` of ``world_size`` executes the course's reference implementation of the stage
+(``labkit.stages``: DDP, ZeRO1, ZeRO2, ZeRO3, the algorithms of notebooks 02 and 06-08) on
+torch's fake tensors, and ``labkit.MemoryTracer`` measures what it holds. On the course's 2-core
+machine the first call takes about 1 s, later ones 0.1-0.3 s for 7.5B parameters; a whole
+Table 1 column (6 world sizes x 3 stages, ``table1``) 4-5 s.
 
-Executed
-* Allocation, with ``torch.empty`` under torch's ``FakeTensorMode`` (a fake tensor has a shape
-  and a dtype but no data): the buffers one rank of ZeRO-``stage`` holds, as flat 1-D buffers
-  (parameters, gradients, the fp32 master copy in mixed precision) and the transient ones of a
-  step (stage 3: the gathered parameters, once for the forward and once for the backward;
-  stages 2-3: the full gradient before its reduce-scatter; mixed precision: an fp32 copy of this
-  rank's gradient shard for the update). Their sizes are set by the rules of each stage, below.
-* The step's collectives, through ``torch.distributed`` on torch's fake process group (backend
-  ``"fake"``, a temporary default group): stage 0 all-reduces the gradients; stage 1
-  reduce-scatters them into this rank's slice of the same buffer and all-gathers the updated
-  parameters; stage 2 reduce-scatters the full gradient into the shard and all-gathers the
-  parameters; stage 3 all-gathers the parameters twice and reduce-scatters the gradients. The
-  fake group returns at once: it moves no data and checks no sizes, so one process can play
-  rank 17 of 1024.
-* torch's own Adam, one ``step()`` on this rank's part: in mixed precision on the fp32 master
-  copy (with an fp32 copy of the gradient shard), copied back into the fp16 parameters after;
-  in fp32 on the parameters themselves. Adam itself creates its state, ``exp_avg`` and
-  ``exp_avg_sq``.
+Executed, as rank ``rank`` in this process
+* The model: a copy of ``model`` whose parameters are fake tensors (``FakeTensorMode``: a shape
+  and a dtype, no data; fp16 in mixed precision). A number of parameters becomes
+  ``sized_model(n)``, bias-free linear layers with exactly ``n`` parameters.
+* The stage's set-up: flattening and padding the parameters into buffers, the shards, the fp32
+  master copy in mixed precision, its optimizer (torch's Adam) over this rank's part; ZeRO-3
+  frees its gathered units.
+* One training step: forward and backward of a batch of one (``inputs``) with the stage's hooks
+  (ZeRO-2: gradients copied into buckets, reduce-scattered, full gradients dropped; ZeRO-3:
+  each unit all-gathered before its forward and its backward, freed after), then
+  ``stage.step()``: all-reduce (DDP) or reduce-scatter, Adam's step, all-gather (ZeRO-1/2).
+* The collectives go through ``torch.distributed`` to torch's fake process group (backend
+  ``"fake"``, a temporary default group): they return at once and move nothing, so one process
+  can play rank 17 of 1024. ``collectives`` is what ``labkit.CommCounter`` saw.
 
-Not executed: the model. No forward and no backward run, so there are no activations and no
-gradient values; a module only gives its parameter count.
+Not executed: any arithmetic (fake tensors have no data: every op only computes the shape and
+dtype of its result), and no other rank.
 
-Assigned by rule
-* What each stage keeps, in elements: parameters Ψ (stage 3: Ψ/N); gradients Ψ (stages 2-3:
-  Ψ/N); in mixed precision an fp32 master copy, Ψ/N (stage 0: Ψ). The bytes per element come
-  from ``precision``.
-* The category of every buffer is the label the code gives it; Adam's ``step`` counter is left
-  out, as in the ZeRO paper.
-* Padding: in stages 1-3 the flat buffers have ``padded_params`` = Ψ rounded up to a multiple
-  of N elements (fewer than N extra, at the end, in the last rank's shard), so that every shard
-  has the same size and every rank holds the same bytes. Stage 0 does not pad.
+Measured, by ``MemoryTracer`` through the step (set-up excluded): the bytes of every live
+storage, by category from what owns it: the model's parameters ("params"), their ``.grad``,
+``optimizer.state``, and the tags the reference implementation puts on the buffers it makes
+itself (master copies "optimizer", shards "params"/"grads", buckets "comm"). So ZeRO-3's
+parameter bytes are what it keeps once its gathered units are freed: nothing is assigned by
+stage. ``params``, ``grads``, ``optimizer`` are read at rest after the step (before
+``zero_grad``); Adam's ``step`` counters are reported apart (``step_counters``), as the ZeRO
+paper leaves them out; ``leftover`` is anything else still live: the model's buffers (e.g.
+BatchNorm statistics), else 0 for a correct stage.
+``peak`` is the most bytes live at once during the step, ``peak_by_category`` its make-up
+(activations of the batch of one included).
 
-Measured: the bytes of the storages behind the live buffers, read after the step (for the
-buffers above that is shape x dtype size; for Adam's state it is what torch's Adam allocated),
-and the most bytes live at once among those buffers (``unbucketed_peak``). ``collectives`` logs
-the size of each collective's full buffer from the shapes the code hands it.
+The tracer runs with ``fake=True``: it counts storages on the meta device, which it otherwise
+skips (a meta tensor holds no memory), because a fake tensor's storage is a meta storage.
 
-So the result equals ``labkit.theory.zero_memory`` applied to ``padded_params``, category by
-category: the rules are the formula's, and torch's Adam keeps the 8 bytes per parameter the
-formula assumes. Against the formula at Ψ it differs only by the padding (at most 16 bytes per
-padding element). The same code runs on real, uninitialised tensors with ``fake=False`` (still
-on the fake process group): that is how the tests check that fake tensors count the same bytes
-as real ones.
-
-The private torch APIs used here (``FakeTensorMode``, the fake process group's ``FakeStore``)
-come from ``labkit._torch_private``, which says which torch is needed when one is missing.
+The same code runs on real tensors (zeros) with ``fake=False`` (still on the fake process
+group): that is how the tests check that fake tensors count the same bytes as real ones. The
+private torch APIs (``FakeTensorMode``, ``FakeStore``) come from ``labkit._torch_private``.
 """
 import contextlib
+import copy
+import inspect
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from labkit import compat, theory
+from labkit import theory
+from labkit.comm import CommCounter
+from labkit.memory import MemoryTracer
+from labkit.stages import STAGES
 
-CATEGORIES = ("params", "grads", "optimizer")  # model states; transients: `unbucketed_peak`
+CATEGORIES = ("params", "grads", "optimizer")  # the ZeRO paper's model states
 PRECISIONS = {  # (dtype of the params and grads, optimizer-state bytes per parameter "K")
     "mixed": (torch.float16, 12),   # fp16 params and grads; fp32 master copy + Adam m and v
     "fp32": (torch.float32, 8),     # fp32 params and grads; Adam m and v (no master copy)
@@ -71,19 +70,11 @@ MIN_TORCH = "2.4"
 
 @dataclass
 class ZeroMemory:
-    """Bytes one rank holds after one simulated ZeRO step (after ``optimizer.step()``, before
-    zero_grad); the module's docstring says which numbers are measured and which set by rule.
-
-    ``params``, ``grads`` and ``optimizer`` are the model states of the ZeRO paper; Adam's 4-byte
-    ``step`` counter is left out, as in the paper. ``unbucketed_peak`` is the most bytes live at
-    once among the buffers this step allocates, transient ones included (gathered parameters,
-    the full gradient before its reduce-scatter, fp32 gradients for the update); it leaves out
-    Adam's own temporaries inside ``step()`` and activations (no forward runs). It is NOT the
-    peak of a real ZeRO-2/3, which moves buckets and gathers layer by layer and so peaks far
-    lower; it shows what the fake tensors would have cost for real.
-    """
+    """Bytes one rank held in one executed ZeRO step; see the module's docstring for what is
+    executed and measured. ``params``, ``grads``, ``optimizer``: the model states at rest after
+    ``step()`` (Adam's ``step`` counters are in ``step_counters``, not in ``optimizer``)."""
     num_params: int
-    padded_params: int    # num_params rounded up to a multiple of world_size (stages 1-3)
+    padded_params: int    # elements in the flat buffers (stages 1-3: each padded to N | size)
     world_size: int
     stage: int
     precision: str
@@ -91,8 +82,12 @@ class ZeroMemory:
     params: int
     grads: int
     optimizer: int
-    unbucketed_peak: int
-    collectives: list = field(default_factory=list)   # (op, bytes of the full buffer), in order
+    step_counters: int = 0
+    leftover: int = 0     # other bytes live at rest: the model's buffers, else 0 when correct
+    peak: int = 0
+    peak_by_category: dict = field(default_factory=dict)
+    peak_event: str = ""
+    collectives: list = field(default_factory=list)   # (op, payload bytes), in order
     seconds: float = 0.0
 
     @property
@@ -105,9 +100,9 @@ class ZeroMemory:
 
     def theory(self) -> dict:
         """The ZeRO formula for the same setting (``labkit.theory``), with the total."""
-        k, low = PRECISIONS[self.precision][1], PRECISIONS[self.precision][0].itemsize
+        low, k = PRECISIONS[self.precision]
         states = theory.zero_memory_breakdown(self.num_params, self.world_size, self.stage, k=k,
-                                              param_bytes=low, grad_bytes=low)
+                                              param_bytes=low.itemsize, grad_bytes=low.itemsize)
         return {**states, "total": sum(states.values())}
 
     def __str__(self) -> str:
@@ -115,24 +110,26 @@ class ZeroMemory:
         return (f"ZeRO-{self.stage}, {self.num_params:.4g} params, {self.precision}, rank "
                 f"{self.rank} of {self.world_size}: params {gb(self.params)}, grads "
                 f"{gb(self.grads)}, optimizer {gb(self.optimizer)}, total {gb(self.total)} "
-                f"(theory {gb(self.theory()['total'])})")
+                f"(theory {gb(self.theory()['total'])}); peak {gb(self.peak)}")
 
 
 def zero(model, world_size: int = 64, stage: int = 0, *, precision: str = "mixed",
-         rank: int = 0, fake: bool = True) -> ZeroMemory:
-    """One ZeRO step (stage 0: plain data parallel) as rank ``rank`` of ``world_size``: the
-    buffers that rank holds, allocated as fake tensors, the step's collectives on torch's fake
-    process group and torch's Adam on this rank's part; no forward or backward (see the module's
-    docstring for what is executed, measured and set by rule).
+         rank: int = 0, fake: bool = True, inputs=None, stage_class=None,
+         bucket_bytes: int = 2**28) -> ZeroMemory:
+    """Run one training step of ZeRO-``stage`` (0: plain data parallelism) as rank ``rank`` of
+    ``world_size`` on fake tensors and measure its bytes (module docstring).
 
-    ``model`` is a parameter count (``7.5e9``) or an ``nn.Module``, best built on the meta device
-    (see ``mlp_stack``); only its parameter count is used, and every parameter counts as trainable.
-    ``precision``: ``"mixed"`` (fp16 params and grads, fp32 master + Adam state: 16 bytes per
-    parameter) or ``"fp32"`` (plain fp32 Adam: also 16). Stages 1-3 pad the parameter count up
-    to a multiple of ``world_size`` (``padded_params``). ``fake=False`` allocates real tensors,
-    for small models only. Runs in this process with a temporary fake default process group, so
-    it refuses to run where a process group already exists (e.g. inside a rank of
-    labkit.launch).
+    ``model``: a whole number of parameters (``7.5e9``: ``sized_model``) or an ``nn.Module``
+        (best on the meta device, see ``mlp_stack``; it is copied, not changed). Every
+        parameter counts as trainable.
+    ``precision``: ``"mixed"`` (fp16 params and grads, fp32 master copy + Adam m, v; K = 12) or
+        ``"fp32"`` (plain fp32 Adam, K = 8).
+    ``inputs``: a function of the dtype that returns the model's input; by default a batch of
+        one for the first module with ``in_features``.
+    ``stage_class``: a class to run instead of ``labkit.stages.STAGES[stage]`` (same
+        constructor), e.g. a learner's or a deliberately broken one.
+    ``bucket_bytes``: ZeRO-2's bucket size. ``fake=False`` allocates real tensors (small models
+        only). Returns a ``ZeroMemory``; ``seconds`` is its wall time. Refuses to run where a process group exists (e.g. inside labkit.launch).
     """
     num_params = _count(model)
     if precision not in PRECISIONS:
@@ -151,116 +148,124 @@ def zero(model, world_size: int = 64, stage: int = 0, *, precision: str = "mixed
             f"{dist.get_world_size()}), and it leaves yours alone. Call it from the notebook "
             "itself, not from a function run by labkit.launch, or after "
             "dist.destroy_process_group().")
-    start, ledger, log = time.perf_counter(), _Ledger(), []
+    start = time.perf_counter()
+    low, _ = PRECISIONS[precision]
+    template = model if isinstance(model, torch.nn.Module) else sized_model(num_params)
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         with FakeTensorMode() if fake else contextlib.nullcontext():
-            padded = _zero_step(ledger, log, num_params, world_size, rank, stage, precision)
-            at_rest = {c: ledger.bytes(c) for c in CATEGORIES}
-            assert sum(at_rest.values()) == ledger.bytes(), "a transient buffer was not freed"
+            net = _materialize(template, low)
+            x = inputs(low) if inputs is not None else _default_input(net, low)
+            mem = MemoryTracer(net, timeline=False, fake=True)
+            kind = stage_class or STAGES[stage]
+            takes = "bucket_bytes" in inspect.signature(kind).parameters
+            options = {"bucket_bytes": bucket_bytes} if stage == 2 and takes else {}
+            impl = kind(net, torch.optim.Adam, mixed=precision == "mixed", tag=mem.tag, lr=1e-3,
+                        **options)
+            mem.optimizers = [impl.optim]
+            with mem, CommCounter() as comm:
+                out = net(x)
+                (out[0] if isinstance(out, (tuple, list)) else out).float().sum().backward()
+                del out, x                  # the batch is not model state
+                impl.step()
+            rest = mem.current
+            counters = _step_counter_bytes(impl.optim)
     finally:
         dist.destroy_process_group()   # never leave the fake group behind
-    return ZeroMemory(num_params, padded, world_size, stage, precision, rank, **at_rest,
-                      unbucketed_peak=ledger.peak, collectives=log,
-                      seconds=time.perf_counter() - start)
+    return ZeroMemory(
+        num_params, impl.padded, world_size, stage, precision, rank, params=rest["params"],
+        grads=rest["grads"], optimizer=rest["optimizer"] - counters, step_counters=counters,
+        leftover=sum(rest.values()) - rest["params"] - rest["grads"] - rest["optimizer"],
+        peak=mem.peak_total, peak_by_category=dict(mem.peak), peak_event=mem.peak_event,
+        collectives=[(c.op, c.payload_bytes) for c in comm.calls],
+        seconds=time.perf_counter() - start)
 
 
-def _zero_step(ledger, log, num_params, n, rank, stage, precision) -> int:
-    """Allocate what one rank of ZeRO-``stage`` keeps and run one step's collectives and update.
-
-    The model lives in one flat buffer. To split it into N equal shards it is padded to a
-    multiple of N (stages 1-3; the padding is < N elements). Returns the padded length.
+def table1(num_params=7.5e9, world_sizes=theory.TABLE1_WORLD_SIZES, stages=(1, 2, 3),
+           **options) -> list:
+    """ZeRO Table 1 by execution: one dict per cell, in GB (1e9 B) per device, beside the
+    paper's printed cell and how it matches (``theory.printed_match``) where the paper has one.
     """
-    low, _ = PRECISIONS[precision]
-    padded = num_params if stage == 0 else -(-num_params // n) * n
-    shard = padded if stage == 0 else padded // n
-    mine = slice(rank * shard, (rank + 1) * shard)   # this rank's piece of a full buffer (1-3)
-    own = lambda t: t if t.numel() == shard else t[mine]   # the part of a buffer this rank updates
-
-    # What each stage keeps between steps: stage 3 only a shard of the parameters, stage 2+ only
-    # a shard of the gradients; stage 1+ only a shard of the fp32 master copy (and of Adam's m, v).
-    params = ledger.new("params", shard if stage == 3 else padded, low)
-    grads = ledger.new("grads", padded if stage <= 1 else shard, low)
-    master = ledger.new("optimizer", shard, torch.float32) if precision == "mixed" else None
-
-    # Forward and backward. Stage 3 gathers the full parameters before each and drops them after;
-    # in the backward they live beside the full-size gradient buffer that the backward fills.
-    if stage == 3:
-        gathered = ledger.new("comm", padded, low)
-        _collective(log, "all_gather", gathered, params)   # forward
-        ledger.free(gathered)
-        gathered = ledger.new("comm", padded, low)
-        _collective(log, "all_gather", gathered, params)   # backward
-    full_grads = grads if stage <= 1 else ledger.new("comm", padded, low)
-    if stage == 3:
-        ledger.free(gathered)
-    if stage == 0:      # plain data parallel: every rank gets the full summed gradient
-        _collective(log, "all_reduce", grads)
-    elif stage == 1:    # full gradient buffer, but each rank only needs its own summed shard
-        _collective(log, "reduce_scatter", grads[mine], grads)
-    else:               # stages 2-3 keep only their summed shard; the full buffer goes
-        _collective(log, "reduce_scatter", grads, full_grads)
-        ledger.free(full_grads)
-
-    # The update: torch's Adam on this rank's shard (its m and v appear on the first step).
-    if precision == "mixed":
-        weights, grad = master.requires_grad_(), ledger.add("temp", own(grads).float())
-    else:
-        weights, grad = own(params).detach().requires_grad_(), own(grads)
-    weights.grad = grad
-    optimizer = torch.optim.Adam([weights], lr=1e-3)
-    with torch.no_grad():
-        optimizer.step()
-        for name in ("exp_avg", "exp_avg_sq"):
-            ledger.add("optimizer", optimizer.state[weights][name])
-        if precision == "mixed":
-            own(params).copy_(weights)      # fp32 master -> fp16 working copy
-            ledger.free(grad)
-    weights.grad = None
-    if stage in (1, 2):     # everyone needs all updated parameters for the next forward
-        _collective(log, "all_gather", params, params[mine])
-    return padded
+    printed = {(c["num_params"], c["world_size"], c["stage"]): c["paper_gb"]
+               for c in theory.zero_table1()}
+    rows = []
+    for n in world_sizes:
+        for stage in stages:
+            r = zero(num_params, world_size=n, stage=stage, **options)
+            paper = printed.get((float(num_params), n, stage))
+            rows.append({"world_size": n, "stage": stage, "gb": r.total / 1e9, "paper_gb": paper,
+                         "match": paper and theory.printed_match(r.total / 1e9, paper),
+                         "result": r})
+    return rows
 
 
-class _Ledger:
-    """The buffers live on one rank, each with a category, and the peak of their total bytes."""
-
-    def __init__(self):
-        self.live, self.peak = [], 0
-
-    def add(self, category, tensor):
-        self.live.append((category, tensor))
-        self.peak = max(self.peak, self.bytes())
-        return tensor
-
-    def new(self, category, numel, dtype):
-        return self.add(category, torch.empty(numel, dtype=dtype))   # fake: a shape, no memory
-
-    def free(self, tensor):
-        self.live = [(c, t) for c, t in self.live if t is not tensor]
-
-    def bytes(self, category=None) -> int:
-        """Bytes of storage behind the live tensors (of one category, or all)."""
-        return sum(t.untyped_storage().nbytes() for c, t in self.live if category in (None, c))
+def _step_counter_bytes(optimizer) -> int:
+    """Bytes of the optimizer's ``step`` entries (Adam's step counters)."""
+    return sum(s["step"].untyped_storage().nbytes() for s in optimizer.state.values()
+               if isinstance(s.get("step"), torch.Tensor))
 
 
-def _collective(log, op, out, inp=None):
-    """Run one collective on the (fake) default group; log the bytes of its full buffer."""
-    if op == "all_reduce":
-        dist.all_reduce(out)
-    elif op == "reduce_scatter":
-        compat.reduce_scatter_tensor(out, inp)
-    else:
-        compat.all_gather_into_tensor(out, inp)
-    full = out if op != "reduce_scatter" else inp
-    log.append((op, full.numel() * full.element_size()))
+def _materialize(template, dtype):
+    """A copy of ``template`` with new parameters and buffers (zeros; fake under
+    FakeTensorMode), floating ones in ``dtype``; ``template`` is left alone, and its tensors'
+    memory is not copied. Shared tensors stay shared."""
+    old = {id(t): t for module in template.modules()
+           for t in [*module._parameters.values(), *module._buffers.values()] if t is not None}
+    memo = {key: torch.empty(0, device="meta") for key in old}   # stand-ins, replaced below
+    net = copy.deepcopy(template, memo)
+    fresh = {}
+    for new_module, module in zip(net.modules(), template.modules()):
+        for table, new_table in ((module._parameters, new_module._parameters),
+                                 (module._buffers, new_module._buffers)):
+            for name, t in table.items():
+                if t is None:
+                    continue
+                if id(t) not in fresh:
+                    made = torch.zeros(t.shape, dtype=dtype if t.is_floating_point() else t.dtype)
+                    fresh[id(t)] = (torch.nn.Parameter(made, requires_grad=t.requires_grad)
+                                    if isinstance(t, torch.nn.Parameter) else made)
+                new_table[name] = fresh[id(t)]
+    return net
+
+
+def _default_input(model, dtype):
+    for module in model.modules():
+        if isinstance(getattr(module, "in_features", None), int):
+            return torch.zeros(1, module.in_features, dtype=dtype)
+    raise ValueError("cannot tell this model's input: pass inputs=lambda dtype: ...")
+
+
+class _Tail(torch.nn.Module):
+    """The rest of ``sized_model``'s parameters: a gain, the sum of ``n`` weights."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(n))
+
+    def forward(self, x):
+        return x * self.weight.sum()
+
+
+def sized_model(num_params: int, depth: int = 48, device="meta"):
+    """Exactly ``num_params`` parameters: up to ``depth`` bias-free square linear layers and,
+    if they do not add up, a gain with the rest (fewer than one layer's worth).
+
+    7.5e9 gives 48 layers of 12500 x 12500, the ZeRO paper's 7.5B model to the parameter.
+    """
+    width = max(1, math.isqrt(int(num_params) // depth))
+    layers = int(num_params) // width**2
+    rest = int(num_params) - layers * width**2
+    with torch.device(device):
+        blocks = [torch.nn.Linear(width, width, bias=False) for _ in range(layers)]
+        return torch.nn.Sequential(*blocks, *([_Tail(rest)] if rest else []))
 
 
 def mlp_stack(width: int = 4096, depth: int = 56, expansion: int = 4, device="meta"):
     """``depth`` transformer-style MLP blocks, width -> expansion*width -> width, on ``device``.
 
-    The defaults give 7.52e9 parameters, the ZeRO paper's 7.5B example. On the meta device the
-    weights have shapes but no data, so it builds in milliseconds and takes no memory.
+    The defaults give 7.52e9 parameters, the size of the ZeRO paper's 7.5B example (for its
+    exact count use ``sized_model(7.5e9)``). On the meta device the weights have shapes but no
+    data, so it builds in milliseconds and takes no memory.
     """
     with torch.device(device):
         return torch.nn.Sequential(*(torch.nn.Sequential(

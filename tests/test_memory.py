@@ -399,3 +399,20 @@ def test_a_dispatch_mode_does_not_see_the_tracers_own_detach():
     assert not alias.requires_grad and alias._version == x._version
     alias.add_(1)                                # in place through the alias: shared counter
     assert x._version == alias._version == 1
+
+
+@pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")
+def test_fake_tensors_count_only_when_asked():
+    """A fake tensor's storage is on the meta device, which holds no memory and is skipped;
+    labkit.simulate measures fake tensors with fake=True."""
+    from labkit._torch_private import FakeTensorMode
+    with FakeTensorMode():
+        layer = torch.nn.Linear(100, 10, bias=False)
+        counted = {}
+        for fake in (False, True):
+            with MemoryTracer(layer, fake=fake, timeline=False) as mem:
+                layer(torch.ones(4, 100)).sum().backward()
+            counted[fake] = mem.current
+            layer.weight.grad = None
+    assert counted[False]["params"] == counted[False]["grads"] == 0
+    assert counted[True]["params"] == counted[True]["grads"] == 100 * 10 * 4
