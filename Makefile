@@ -72,6 +72,7 @@ bench: install-test
 	$(PY) bench/memory_overhead.py
 	$(PY) bench/ddp_vs_torch.py
 	$(PY) bench/zero1_vs_torch.py
+	$(PY) bench/zero3_vs_fsdp2.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache $(VENV)/*.stamp $(TORCH_LOCK)

@@ -18,32 +18,7 @@ import torch.distributed as dist
 from labkit.check import _sharded, hint, nb06_zero1
 from labkit.check.nb06_zero1 import zero1, zero1_optimizer_bytes, zero1_wire_bytes
 from labkit.compat import all_gather_into_tensor, reduce_scatter_tensor
-
-
-# --- the learner's ring of notebook 01 (in place, chunks = torch.tensor_split(tensor, N)) --------
-
-def ring_reduce_scatter(tensor):
-    n, r = dist.get_world_size(), dist.get_rank()
-    chunks = torch.tensor_split(tensor, n)
-    for s in range(n - 1):
-        i, j = (r - s - 1) % n, (r - s - 2) % n
-        buf = torch.empty_like(chunks[j])
-        req = dist.isend(chunks[i], (r + 1) % n)
-        dist.recv(buf, (r - 1) % n)
-        req.wait()
-        chunks[j].add_(buf)
-
-
-def ring_all_gather(tensor):
-    n, r = dist.get_world_size(), dist.get_rank()
-    chunks = torch.tensor_split(tensor, n)
-    for s in range(n - 1):
-        i, j = (r - s) % n, (r - s - 1) % n
-        buf = torch.empty_like(chunks[j])
-        req = dist.isend(chunks[i], (r + 1) % n)
-        dist.recv(buf, (r - 1) % n)
-        req.wait()
-        chunks[j].copy_(buf)
+from sharded_solutions import ring_all_gather, ring_reduce_scatter
 
 
 # --- valid solutions ------------------------------------------------------------------------------

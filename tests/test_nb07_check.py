@@ -9,7 +9,6 @@ until step(), all-reduced buckets, the bucket size ignored, an uneven partition,
 the all-gather forgotten, a .grad read after it was freed (a crash). The memory bound holds for
 the valid designs on many runs, with room; the tolerance holds on the deep models.
 """
-import datetime
 import math
 import tempfile
 
@@ -21,32 +20,7 @@ import labkit
 from labkit.check import _sharded, hint, nb07_zero2
 from labkit.check.nb07_zero2 import zero2, zero2_state_bytes
 from labkit.compat import all_gather_into_tensor, reduce_scatter_tensor
-
-WAIT = datetime.timedelta(seconds=10)
-
-
-def ring_reduce_scatter(tensor):
-    n, r = dist.get_world_size(), dist.get_rank()
-    chunks = torch.tensor_split(tensor, n)
-    for s in range(n - 1):
-        i, j = (r - s - 1) % n, (r - s - 2) % n
-        buf = torch.empty_like(chunks[j])
-        req = dist.isend(chunks[i], (r + 1) % n)
-        dist.recv(buf, (r - 1) % n)
-        req.wait()
-        chunks[j].add_(buf)
-
-
-def ring_all_gather(tensor):
-    n, r = dist.get_world_size(), dist.get_rank()
-    chunks = torch.tensor_split(tensor, n)
-    for s in range(n - 1):
-        i, j = (r - s) % n, (r - s - 1) % n
-        buf = torch.empty_like(chunks[j])
-        req = dist.isend(chunks[i], (r + 1) % n)
-        dist.recv(buf, (r - 1) % n)
-        req.wait()
-        chunks[j].copy_(buf)
+from sharded_solutions import WAIT, ring_all_gather, ring_reduce_scatter
 
 
 def buckets_of(params, bucket_bytes):

@@ -48,6 +48,9 @@ answer): ``labkit.check.hint("ring_all_reduce", 1)``.
 | 06 | ``zero1_optimizer_bytes``, ``zero1_wire_bytes`` | formulas | the formula | (no ranks) |
 | 07 | ``zero2`` | ``ZeRO2(params, optimizer_class, bucket_bytes, **kw)`` | one process, global batch | RS in backward; grads 1/N |
 | 07 | ``zero2_state_bytes`` | formula | the formula | (no ranks) |
+| 08 | ``zero3`` | ``ZeRO3(module, optimizer_class, prefetch=False, **kw)`` | one process, global batch | per unit: AG fwd, AG + RS bwd; params 1/N + 1 unit |
+| 08 | ``zero3_prefetch`` | the same, ``prefetch=True`` | one process, global batch | next unit's AG async, ahead; 2 units |
+| 08 | ``zero3_bytes_per_step`` | formula | the formula | (no ranks) |
 | 00-02 | predictions | ``predicted_sum(n)``, ... | the formula | (no ranks) |
 
 The predictions (``predictions.py``: ``predicted_sum``, ``ring_sends_per_rank``,
@@ -91,6 +94,7 @@ from labkit.check.nb04_accumulation import (accumulation_step, activation_memory
 from labkit.check.nb05_memory import mixed_precision_step, pos_gb, predicted_bytes
 from labkit.check.nb06_zero1 import zero1, zero1_optimizer_bytes, zero1_wire_bytes
 from labkit.check.nb07_zero2 import zero2, zero2_state_bytes
+from labkit.check.nb08_zero3 import zero3, zero3_bytes_per_step, zero3_prefetch
 from labkit.check.predictions import (algbw_from_busbw, all_reduce_time, crossover_size,
                                       ddp_bytes_per_step, ddp_payload_bytes, predicted_sum,
                                       ring_bytes_per_rank, ring_sends_per_rank)
@@ -114,4 +118,6 @@ __all__ = ["CheckResult", "MIMETYPE", "PASSED", "FAILED", "NOT_IMPLEMENTED", "hi
            # 06
            "zero1", "zero1_optimizer_bytes", "zero1_wire_bytes",
            # 07
-           "zero2", "zero2_state_bytes"]
+           "zero2", "zero2_state_bytes",
+           # 08
+           "zero3", "zero3_prefetch", "zero3_bytes_per_step"]

@@ -1,5 +1,11 @@
-"""Train a learner's sharded optimizer (ZeRO-1, ZeRO-2) on N ranks, and the same model in one
-process; the graders of notebooks 06 and 07 compare the two and read each rank's ledger and memory.
+"""Train a learner's sharded optimizer (ZeRO-1, ZeRO-2) or sharded module wrapper (ZeRO-3) on N
+ranks, and the same model in one process; the graders of notebooks 06, 07 and 08 compare the two
+and read each rank's ledger and memory.
+
+ZeRO-3 (``train_module_on_rank``) differs in what it trains: a ``Units`` model (an nn.Sequential
+of units of unequal sizes, ``UNITS``) wrapped in the learner's class, forward through the
+wrapper, the parameters read through its ``full_state_dict()``; hooks of the harness on each unit
+place the unit's forward and backward in the ledger and sample the memory there (its docstring).
 
 A ``Run`` is drawn afresh in the notebook for every check run (``fresh_run``): an MLP of
 ``labkit.models`` whose parameter count N does not divide, its initial state (the same on every
@@ -63,6 +69,7 @@ name moves a parameter by a share of a step, 1e-4 or more.
 """
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -88,17 +95,70 @@ DEEP = (7,) + (8,) * 29 + (5,)       # 2125: 30 layers of at most 72 elements (Z
 MID = (7,) + (8,) * 15 + (5,)        # 1117: 16 of them (ZeRO-2, 4 ranks: collectives cost more)
 
 
+# ZeRO-3 (notebook 08) trains a ``Units`` model instead: an nn.Sequential whose children are the
+# units that are gathered one at a time. A unit is a tuple of Linear layers (in, out, bias), each
+# followed by tanh but the model's last. Nine units of unequal sizes, every one odd (no N of 2 or
+# 4 divides it), and distinct once padded to a multiple of 2 or of 4, so that a collective's
+# payload names its unit: 63, 99, 143, 91, 153 (two layers, three tensors), 135, 165, 77, 35.
+UNITS = (((6, 9, True),), ((9, 11, False),), ((11, 13, False),), ((13, 7, False),),
+         ((7, 9, False), (9, 9, True)), ((9, 15, False),), ((15, 11, False),),
+         ((11, 7, False),), ((7, 5, False),))
+
+
+class Units(torch.nn.Sequential):
+    """The ZeRO-3 model: ``units`` as above, a regression of mean squared error (as the MLPs)."""
+
+    def __init__(self, units):
+        layers = [layer for unit in units for layer in unit]
+        built, k = [], 0
+        for unit in units:
+            modules = []
+            for a, b, bias in unit:
+                k += 1
+                modules.append(torch.nn.Linear(a, b, bias=bias))
+                if k < len(layers):
+                    modules.append(torch.nn.Tanh())
+            built.append(torch.nn.Sequential(*modules))
+        super().__init__(*built)
+
+    def batch(self, n, generator, dtype=torch.float32):
+        first, last = self[0][0].in_features, self[-1][-1].out_features
+        return (torch.randn(n, first, generator=generator, dtype=dtype),
+                torch.randn(n, last, generator=generator, dtype=dtype))
+
+    @staticmethod
+    def loss(output, target):
+        return torch.nn.functional.mse_loss(output, target)
+
+
+def is_units(widths) -> bool:
+    """True for a ``Units`` spec (tuples of layers), False for an MLP's widths."""
+    return bool(widths) and isinstance(widths[0], tuple)
+
+
+def unit_sizes(units) -> list:
+    """Elements of each unit of a ``Units`` spec."""
+    return [sum(a * b + b * bias for a, b, bias in unit) for unit in units]
+
+
 def numel(widths) -> int:
-    """Parameters of ``models.MLP(*widths)``."""
+    """Parameters of ``models.MLP(*widths)``, or of ``Units(widths)``."""
+    if is_units(widths):
+        return sum(unit_sizes(widths))
     return sum(a * b + b for a, b in zip(widths, widths[1:]))
 
 
 def tensor_sizes(widths) -> list:
     """Elements of each parameter tensor, in ``model.parameters()`` order."""
+    if is_units(widths):
+        return [k for unit in widths for a, b, bias in unit
+                for k in ((a * b, b) if bias else (a * b,))]
     return [k for a, b in zip(widths, widths[1:]) for k in (a * b, b)]
 
 
 def make(widths, dtype):
+    if is_units(widths):
+        return Units(widths).to(dtype)
     return models.MLP(*widths).to(dtype)
 
 
@@ -122,8 +182,12 @@ class Run(NamedTuple):
     @property
     def label(self) -> str:
         """"the MLP 7-12-5 (161 parameters, float32) with SGD with momentum"."""
-        layers = "-".join(map(str, _short_widths(self.widths)))
         dtype = str(self.dtype).split(".")[-1]
+        if is_units(self.widths):
+            sizes = ", ".join(map(str, unit_sizes(self.widths)))
+            return (f"the Sequential of {len(self.widths)} units ({sizes} parameters, "
+                    f"{dtype}) with {OPTIMIZER_LABELS[self.optimizer]}")
+        layers = "-".join(map(str, _short_widths(self.widths)))
         return (f"the MLP {layers} ({numel(self.widths)} parameters, {dtype}) with "
                 f"{OPTIMIZER_LABELS[self.optimizer]}")
 
@@ -373,6 +437,240 @@ def where(folder: str, world_size: int) -> dict:
     return places
 
 
+# --- ZeRO-3: a module wrapper, trained on N ranks -------------------------------------------------
+
+def train_module_on_rank(cls, runs: list, folder: str, name: str, prefetch: bool) -> list:
+    """In each rank: every run in turn, each a ``Units`` model wrapped in
+    ``cls(model, optimizer_class, prefetch=prefetch, **options)``; one dict per run.
+
+    As ``train_on_rank``, with: forward is ``wrapper(x)``; ``built_state`` (the flat
+    ``full_state_dict()`` right after construction, or why it could not be read) and ``optim``
+    (the sizes of ``wrapper.optim``'s parameters, or None); ``after_first`` and ``final`` come from
+    ``full_state_dict()``. Each counted step also has ``marks``: (unit, what, position) with
+    position the length of the phase's ledger when unit ``unit`` "starts" (its forward pre-hook,
+    after the wrapper's own), "ends" (its forward hook, before the wrapper's own) or "backward"
+    (its full backward pre-hook, before the wrapper's own). In the measured step, ``samples``:
+    (unit, what, bytes by category) read at those moments and once more "gathered" (after the
+    wrapper's backward pre-hooks), the bytes exact (``MemoryTracer.current`` re-reads every
+    size, storages resized to 0 included), and ``rest`` as in ``train_on_rank``."""
+    rank = dist.get_rank()
+    progress = Path(folder) / f"rank{rank}"
+    return [_train_module(cls, i, run, progress, rank, dist.get_world_size(), name, prefetch)
+            for i, run in enumerate(runs)]
+
+
+class _Watch:
+    """The harness's hooks on the units: ledger positions and memory samples."""
+
+    def __init__(self, units):
+        # a unit whose input needs no gradient (the first) makes torch warn about its hooks
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        self.comm = self.mem = None
+        self.marks, self.samples = [], []
+        self.handles = []
+        for i, unit in enumerate(units):
+            self.handles += [
+                unit.register_forward_pre_hook(lambda m, a, i=i: self.note(i, "start")),
+                unit.register_forward_hook(lambda m, a, o, i=i: self.note(i, "end"),
+                                           prepend=True),
+                unit.register_full_backward_pre_hook(
+                    lambda m, g, i=i: self.note(i, "backward"), prepend=True),
+                unit.register_full_backward_pre_hook(
+                    lambda m, g, i=i: self.note(i, "gathered"))]
+
+    def note(self, unit, what):
+        if self.comm is not None and what != "gathered":
+            self.marks.append((unit, what, len(self.comm.calls)))
+        if self.mem is not None:
+            with warnings.catch_warnings():   # reading .grad of a non-leaf a wrapper swapped in
+                warnings.simplefilter("ignore")
+                self.samples.append((unit, what, self.mem.current))
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def _flat_state(state, widths) -> torch.Tensor:
+    """A ``full_state_dict()`` as one vector in ``model.parameters()`` order; a ``ValueError``
+    that says what is wrong with it."""
+    if not isinstance(state, dict):
+        raise ValueError(f"full_state_dict() returned {type(state).__name__}, not a dict of "
+                         "name -> tensor")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    model = make(widths, torch.float32)
+    pieces = []
+    for key, p in model.named_parameters():
+        value = state.get(key)
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"full_state_dict() has no tensor for {key!r} (keys: "
+                             f"{', '.join(list(state)[:4])}...): name each parameter as "
+                             "module.named_parameters() does")
+        if value.numel() != p.numel():
+            raise ValueError(f"full_state_dict()[{key!r}] has {value.numel()} elements, the "
+                             f"parameter {p.numel()} (shape {tuple(p.shape)}): gather the whole "
+                             "unit and cut each parameter out of it")
+        pieces.append(value.detach().reshape(-1).clone())
+    return torch.cat(pieces)
+
+
+def _unflat(vector, widths) -> dict:
+    model = make(widths, torch.float32)
+    out, offset = {}, 0
+    for key, p in model.named_parameters():
+        out[key] = vector[offset:offset + p.numel()].view(p.shape)
+        offset += p.numel()
+    return out
+
+
+def _train_module(cls, index, run, progress, rank, world, name, prefetch):
+    model = make(run.widths, run.dtype)
+    model.load_state_dict(run.init)
+    shards = [(x[rank::world].clone(), y[rank::world].clone()) for x, y in run.batches]
+    run.init.clear()
+    run.batches.clear()
+    out = {"built": [], "steps": [], "after_first": None, "final": None, "optimizers": [],
+           "problem": None, "built_state": None, "optim": None}
+    seen = []
+
+    def stepped(optimizer, args, kwargs):
+        if all(o is not optimizer for o in seen):
+            seen.append(optimizer)
+
+    hook = register_optimizer_step_pre_hook(stepped)
+    units = list(model.children())
+    watch = None
+    try:
+        progress.write_text(f"{index} build")
+        optimizer_class = getattr(torch.optim, run.optimizer)
+        case = f"{run.label}: {name}(model, torch.optim.{run.optimizer}, prefetch={prefetch})"
+        with CommCounter() as comm:
+            wrapper = call_learner(lambda: cls(model, optimizer_class, prefetch=prefetch,
+                                               **run.options), case=case)
+        out["built"] = ledger(comm)
+        for method in ("step", "zero_grad", "full_state_dict"):
+            if not callable(getattr(wrapper, method, None)):
+                out["problem"] = f"no {method}"
+                return out
+        optim = getattr(wrapper, "optim", None)
+        if isinstance(optim, torch.optim.Optimizer):
+            out["optim"] = [p.numel() for g in optim.param_groups for p in g["params"]]
+        progress.write_text(f"{index} full_state_dict")
+        state = call_learner(wrapper.full_state_dict, case=f"{case}.full_state_dict()")
+        try:
+            out["built_state"] = _flat_state(state, run.widths)
+        except ValueError as error:
+            out["problem"] = str(error)
+            return out
+        watch = _Watch(units)
+        for step in range(len(shards)):
+            out["steps"].append(_module_step(model, wrapper, shards, step, run, progress, index,
+                                             seen, watch))
+            if step == 0:
+                progress.write_text(f"{index} full_state_dict")
+                out["after_first"] = _flat_state(call_learner(wrapper.full_state_dict,
+                                                              case=case), run.widths)
+        progress.write_text(f"{index} full_state_dict")
+        final = _flat_state(call_learner(wrapper.full_state_dict, case=case), run.widths)
+        progress.write_text(f"{index} done")
+        out["final"] = _unflat(final, run.widths)
+        out["optimizers"] = [(type(o).__name__, [p.numel() for g in o.param_groups
+                                                 for p in g["params"]]) for o in seen]
+        return out
+    finally:
+        hook.remove()
+        if watch is not None:
+            watch.remove()
+
+
+def _all_grads(model, wrapper) -> int:
+    """.grad bytes of the model's parameters and of the optimizer's (the shards)."""
+    params = {id(p): p for p in model.parameters()}
+    optim = getattr(wrapper, "optim", None)
+    if isinstance(optim, torch.optim.Optimizer):
+        params.update((id(p), p) for g in optim.param_groups for p in g["params"])
+    return sum(p.grad.numel() * p.grad.element_size() for p in params.values()
+               if p.grad is not None)
+
+
+def _module_step(model, wrapper, shards, step, run, progress, index, seen, watch):
+    case = f"{run.label}, step {step}"
+    measured = step == len(shards) - 1
+    record = {"memory": None, "counted": not measured, "forward": [], "backward": [],
+              "step": []}
+    x, y = shards[step]
+    shards[step] = None
+    optimizers = list(seen) + ([wrapper.optim] if isinstance(getattr(wrapper, "optim", None),
+                                                              torch.optim.Optimizer) else [])
+    tracer = MemoryTracer([wrapper, model], optimizers, timeline=False) if measured else None
+    if tracer is not None:
+        tracer.__enter__()
+        watch.mem, watch.samples = tracer, []
+    try:
+        progress.write_text(f"{index} step {step}: forward")
+        with _ledger_unless(measured) as comm:
+            watch.comm = comm if not measured else None
+            watch.marks = []
+            loss = model.loss(call_learner(wrapper, x, case=case), y)
+            record["forward_marks"] = list(watch.marks)
+        del x, y
+        record["forward"] = ledger(comm)
+        progress.write_text(f"{index} step {step}: backward")
+        with _ledger_unless(measured) as comm:
+            watch.comm = comm if not measured else None
+            watch.marks = []
+            call_learner(loss.backward, case=case)
+            record["backward_marks"] = list(watch.marks)
+        del loss
+        record["backward"] = ledger(comm)
+        watch.comm = None
+    finally:
+        if tracer is not None:
+            watch.mem = None
+            tracer.__exit__(None, None, None)
+    record["grads_after_backward"] = _grad_bytes(model)
+    if measured:
+        record["memory"] = {"samples": [(u, what, dict(by)) for u, what, by in watch.samples]}
+    progress.write_text(f"{index} step {step}: in step()")
+    with _ledger_unless(measured) as comm:
+        if measured:
+            with MemoryTracer([wrapper, model], optimizers, timeline=False) as mem:
+                call_learner(wrapper.step, case=case)
+                call_learner(lambda: wrapper.zero_grad(set_to_none=True), case=case)
+            record["memory"]["rest"] = mem.current
+        else:
+            call_learner(wrapper.step, case=case)
+            call_learner(lambda: wrapper.zero_grad(set_to_none=True), case=case)
+    record["step"] = ledger(comm)
+    record["grads_left"] = _all_grads(model, wrapper)
+    return record
+
+
+_HIDDEN = {}
+
+
+def plain_hidden(units, dtype, batch=LOCAL_BATCH) -> int:
+    """What an unsharded ``Units`` model holds besides its parameters and gradients (activations
+    and autograd's temporaries: bytes of activations + other + comm) at the moments the harness
+    samples a sharded one (``_Watch``), at most; measured once per model in this process, by the
+    same tracer."""
+    key = (tuple(units), dtype, batch)
+    if key not in _HIDDEN:
+        model = make(units, dtype)
+        x, y = model.batch(batch, torch.Generator().manual_seed(0), dtype)
+        watch = _Watch(list(model.children()))
+        with MemoryTracer(model, timeline=False) as mem:
+            watch.mem = mem
+            loss = model.loss(model(x), y)
+            del x, y
+            loss.backward()
+            del loss
+        watch.remove()
+        _HIDDEN[key] = max(by["activations"] + by["other"] + by["comm"]
+                           for _, _, by in watch.samples)
+    return _HIDDEN[key]
+
+
 # --- reading the ledger, in the notebook ----------------------------------------------------------
 
 class Traffic(NamedTuple):
@@ -442,6 +740,28 @@ def ring_problem(results, n, phases=("backward", "step")) -> Optional[str]:
                 return (f"in step {step} on {n} ranks, rank {rank} made {len(t.sends)} sends: a "
                         f"ring reduce-scatter or all-gather takes N-1 = {n - 1} sends, so a "
                         f"step's sends come in multiples of {n - 1}")
+    return None
+
+
+def loop_hint(results, name) -> Optional[str]:
+    """A hint when the training loop could not run the class (a missing method, a
+    ``full_state_dict()`` of the wrong form) or when ``zero_grad(set_to_none=True)`` left a
+    .grad behind, or None: what every sharded grader checks first."""
+    problem = next((r["problem"] for r in results if r["problem"]), None)
+    if problem and problem.startswith("no "):
+        method = problem.split()[-1]
+        return (f"{name} has no method {method}(): the training loop calls step() after "
+                "loss.backward() and zero_grad(set_to_none=True) after step()"
+                + (", and the grader reads the parameters through full_state_dict()"
+                   if method == "full_state_dict" else ""))
+    if problem:
+        return problem
+    for rank, result in enumerate(results):
+        for step, ledgers in enumerate(result["steps"]):
+            if ledgers["grads_left"]:
+                return (f"in step {step} on rank {rank}, the model still had gradients after "
+                        "zero_grad(set_to_none=True): clear every parameter's .grad there "
+                        "(p.grad = None), or the next backward adds to them")
     return None
 
 

@@ -294,17 +294,9 @@ def _payload_hint(t, num, n, s, es, buffer, at, dtype):
 
 def _diagnose(run, results, n):
     """(hint or None, largest difference) for one run on n ranks."""
-    problem = next((r["problem"] for r in results if r["problem"]), None)
-    if problem:
-        method = problem.split()[-1]
-        return (f"{NAME} has no method {method}(): the training loop calls step() after "
-                "loss.backward() and zero_grad(set_to_none=True) after step()"), None
-    for rank, result in enumerate(results):
-        for step, ledgers in enumerate(result["steps"]):
-            if ledgers["grads_left"]:
-                return (f"in step {step} on rank {rank}, the model still had gradients after "
-                        "zero_grad(set_to_none=True): it must clear the model's parameters' "
-                        ".grad (p.grad = None), or the next backward adds to them"), None
+    hint = _sharded.loop_hint(results, NAME)
+    if hint:
+        return hint, None
     hint = _ledger_hint(run, results, n)
     if hint:
         return hint, None

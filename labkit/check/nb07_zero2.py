@@ -340,16 +340,9 @@ def _bucket_hint(run, n, num, es, rs_back, rs_step, ag, at):
 
 
 def _diagnose(run, results, n):
-    problem = next((r["problem"] for r in results if r["problem"]), None)
-    if problem:
-        method = problem.split()[-1]
-        return (f"{NAME} has no method {method}(): the training loop calls step() after "
-                "loss.backward() and zero_grad(set_to_none=True) after step()"), None
-    for rank, result in enumerate(results):
-        for step, ledgers in enumerate(result["steps"]):
-            if ledgers["grads_left"]:
-                return (f"in step {step} on rank {rank}, the model still had gradients after "
-                        "zero_grad(set_to_none=True): clear every parameter's .grad there"), None
+    hint = _sharded.loop_hint(results, NAME)
+    if hint:
+        return hint, None
     hint = _kept_hint(run, results, n) or _ledger_hint(run, results, n) or \
         _peak_hint(run, results, n)
     if hint:
