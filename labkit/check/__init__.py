@@ -51,6 +51,10 @@ answer): ``labkit.check.hint("ring_all_reduce", 1)``.
 | 08 | ``zero3`` | ``ZeRO3(module, optimizer_class, prefetch=False, **kw)`` | one process, global batch | per unit: AG fwd, AG + RS bwd; params 1/N + 1 unit |
 | 08 | ``zero3_prefetch`` | the same, ``prefetch=True`` | one process, global batch | next unit's AG async, ahead; 2 units |
 | 08 | ``zero3_bytes_per_step`` | formula | the formula | (no ranks) |
+| 09 | ``step_comm_time`` | ``(strategy, num_params, N, elem_bytes, alpha, beta) -> s`` | the α-β ring model per strategy | (no ranks) |
+| 09 | ``smallest_world_size`` | ``(num_params, stage, device_gb) -> int`` | the smallest N_d that fits (K = 12) | (no ranks) |
+| 09 | ``comm_bound_world_size`` | ``(t1, num_params, elem_bytes, alpha, beta, strategy) -> int`` | first N with comm >= T1/N | (no ranks) |
+| 09 | ``misconceptions`` | ``() -> {key: bool}`` | 13 statements; wrong keys named with their measurement | (no ranks) |
 | 00-02 | predictions | ``predicted_sum(n)``, ... | the formula | (no ranks) |
 
 The predictions (``predictions.py``: ``predicted_sum``, ``ring_sends_per_rank``,
@@ -95,6 +99,8 @@ from labkit.check.nb05_memory import mixed_precision_step, pos_gb, predicted_byt
 from labkit.check.nb06_zero1 import zero1, zero1_optimizer_bytes, zero1_wire_bytes
 from labkit.check.nb07_zero2 import zero2, zero2_state_bytes
 from labkit.check.nb08_zero3 import zero3, zero3_bytes_per_step, zero3_prefetch
+from labkit.check.nb09_capstone import (comm_bound_world_size, misconceptions,
+                                         smallest_world_size, step_comm_time)
 from labkit.check.predictions import (algbw_from_busbw, all_reduce_time, crossover_size,
                                       ddp_bytes_per_step, ddp_payload_bytes, predicted_sum,
                                       ring_bytes_per_rank, ring_sends_per_rank)
@@ -120,4 +126,6 @@ __all__ = ["CheckResult", "MIMETYPE", "PASSED", "FAILED", "NOT_IMPLEMENTED", "hi
            # 07
            "zero2", "zero2_state_bytes",
            # 08
-           "zero3", "zero3_prefetch", "zero3_bytes_per_step"]
+           "zero3", "zero3_prefetch", "zero3_bytes_per_step",
+           # 09
+           "step_comm_time", "smallest_world_size", "comm_bound_world_size", "misconceptions"]
