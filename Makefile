@@ -16,7 +16,7 @@ TORCH_LOCK := $(VENV)/torch-lock.txt
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv torch install-lab install-test lab test bench clean
+.PHONY: venv torch install-lab install-test chromium lab test bench clean
 
 venv: $(PY)
 
@@ -51,6 +51,19 @@ $(VENV)/test.stamp: pyproject.toml | torch
 install-lab: $(VENV)/lab.stamp
 install-test: $(VENV)/test.stamp
 
+# tests/test_browser.py drives Debian's Chromium with playwright (never `playwright install`).
+# Installed here when missing, as root with apt-get (CI); anywhere else, or if apt-get fails,
+# those tests skip and say why. Set CHROMIUM_APT=0 to never run apt-get.
+CHROMIUM     ?= /usr/bin/chromium
+CHROMIUM_APT ?= 1
+chromium:
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif [ "$(CHROMIUM_APT)" = 1 ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "make: installing Debian's chromium for the browser tests (apt-get, about 1 min)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+	      >/dev/null; } || echo "make: apt-get could not install chromium; the browser tests will skip"; \
+	else echo "make: $(CHROMIUM) is missing and not installed (needs root, apt-get and CHROMIUM_APT=1); the browser tests will skip"; fi
+
 # learner_lab_config.py hides notebooks/source (the solutions) from the learners' lab.
 lab: install-lab
 	$(VENV)/bin/jupyter lab notebooks/ --config=learner_lab_config.py $(if $(filter 0,$(shell id -u)),--allow-root)
@@ -58,9 +71,10 @@ lab: install-lab
 # Two pytest runs over tests/: first everything but the notebooks, one test at a time (the
 # launcher tests are timing-sensitive); then the tests marked "notebook" (each learner and
 # solution notebook run in a fresh kernel and graded, real nbgrader on a sample), two at a time:
-# a notebook spends much of its time waiting for kernels and ranks. PYTEST_ARGS goes to both.
+# a notebook spends much of its time waiting for kernels and ranks; the two browser tests (JupyterLab
+# in headless Chromium) run there too. PYTEST_ARGS goes to both.
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
-test: install-test
+test: install-test chromium
 	@$(PY) -m pytest -m "not notebook" $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: no tests collected"; rc=0; fi; \
 	  $(PY) -m pytest -m notebook -n 2 $(PYTEST_ARGS); nb=$$?; \
