@@ -69,6 +69,7 @@ name moves a parameter by a share of a step, 1e-4 or more.
 """
 import math
 import re
+import tempfile
 import warnings
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -78,7 +79,7 @@ import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from labkit import models
-from labkit.check._core import call_learner
+from labkit.check._core import Failed, call_learner
 from labkit.check._training import tolerance
 from labkit.comm import CommCounter
 from labkit.memory import MemoryTracer
@@ -973,9 +974,20 @@ def hang_advice(waits, n) -> str:
             "waits forever for it")
 
 
+def train_everywhere(ranks, worker, n, cls, runs, name, *extra):
+    """Every run on n ranks in one launch of ``worker`` (``train_on_rank`` or
+    ``train_module_on_rank``); per run, the list of the ranks' results. A crash or a hang
+    becomes one ``Failed``, placed in its run and phase (``stuck``)."""
+    with tempfile.TemporaryDirectory(prefix="labkit-check-") as folder:
+        try:
+            per_rank = ranks.run(worker, n, cls, runs, folder, name, *extra)
+        except Failed as failure:
+            raise stuck(failure, folder, n, runs, name) from None
+    return [[per_rank[r][i] for r in range(n)] for i in range(len(runs))]
+
+
 def stuck(failure, folder, n, runs, name):
     """A crash or hang, placed in a run and a phase by the ranks' progress files."""
-    from labkit.check._core import Failed
     places = where(folder, n)
     crash = failure.crash
     raised = crash is not None and bool(crash.case) and crash.type not in ("NativeError",

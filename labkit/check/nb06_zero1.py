@@ -43,7 +43,6 @@ model), each compared on a grid with the usual mistakes named.
 """
 import math
 import secrets
-import tempfile
 
 import torch
 
@@ -324,13 +323,8 @@ def zero1(cls, *, timeout: float = 15.0):
         generator = torch.Generator().manual_seed(secrets.randbits(63))
         runs = [_sharded.fresh_run(widths, n, dtype, optimizer, generator)
                 for widths, dtype, optimizer in cases]
-        with tempfile.TemporaryDirectory(prefix="labkit-check-") as folder:
-            try:
-                per_rank = ranks.run(_sharded.train_on_rank, n, cls, runs, folder, NAME)
-            except Failed as failure:
-                raise _sharded.stuck(failure, folder, n, runs, NAME) from None
-        for i, run in enumerate(runs):
-            results = [per_rank[r][i] for r in range(n)]
+        trained = _sharded.train_everywhere(ranks, _sharded.train_on_rank, n, cls, runs, NAME)
+        for run, results in zip(runs, trained):
             hint, diff = _diagnose(run, results, n)
             if hint:
                 raise Failed(f"on {n} ranks, with {run.label}: {hint}")

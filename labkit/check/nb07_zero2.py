@@ -59,7 +59,6 @@ state_bytes)`` = param_bytes·num_params + (grad_bytes + state_bytes)·ceil(num_
 """
 import math
 import secrets
-import tempfile
 
 import torch
 
@@ -370,13 +369,8 @@ def zero2(cls, *, timeout: float = 20.0):
             es = torch.empty((), dtype=dtype).element_size()
             runs.append(_sharded.fresh_run(widths, n, dtype, optimizer, generator,
                                            bucket_bytes=cap * es))
-        with tempfile.TemporaryDirectory(prefix="labkit-check-") as folder:
-            try:
-                per_rank = ranks.run(_sharded.train_on_rank, n, cls, runs, folder, NAME)
-            except Failed as failure:
-                raise _sharded.stuck(failure, folder, n, runs, NAME) from None
-        for i, run in enumerate(runs):
-            results = [per_rank[r][i] for r in range(n)]
+        trained = _sharded.train_everywhere(ranks, _sharded.train_on_rank, n, cls, runs, NAME)
+        for run, results in zip(runs, trained):
             hint, diff = _diagnose(run, results, n)
             if hint:
                 raise Failed(f"on {n} ranks, with {run.label} and "

@@ -70,7 +70,6 @@ one ring reduce-scatter of the padded flat buffer.
 import collections
 import math
 import secrets
-import tempfile
 
 import torch
 
@@ -558,14 +557,9 @@ def _train(cls, worlds, prefetch, name, timeout):
         generator = torch.Generator().manual_seed(secrets.randbits(63))
         runs = [_sharded.fresh_run(UNITS, n, dtype, optimizer, generator)
                 for dtype, optimizer in cases]
-        with tempfile.TemporaryDirectory(prefix="labkit-check-") as folder:
-            try:
-                per_rank = ranks.run(_sharded.train_module_on_rank, n, cls, runs, folder, NAME,
-                                     prefetch)
-            except Failed as failure:
-                raise _sharded.stuck(failure, folder, n, runs, NAME) from None
-        for i, run in enumerate(runs):
-            results = [per_rank[r][i] for r in range(n)]
+        trained = _sharded.train_everywhere(ranks, _sharded.train_module_on_rank, n, cls, runs,
+                                            NAME, prefetch)
+        for run, results in zip(runs, trained):
             hint, diff = _diagnose(run, results, n, prefetch)
             if hint:
                 raise Failed(f"on {n} ranks, with {run.label}: {hint}")
