@@ -32,7 +32,6 @@ Run: .venv/bin/python bench/zero1_vs_torch.py [--repeats N] [--steps S] [--quick
 Target (course issue): ours / torch <= 0.67 in ring-model wire bytes; payload and step time are
 reported beside it.
 """
-import argparse
 import datetime
 import math
 import os
@@ -41,6 +40,8 @@ import time
 
 import torch
 import torch.distributed as dist
+
+import _paired   # bench/_paired.py: the command line and the launches
 
 TARGET = 0.67
 WIDTHS = (512, 2048, 512, 255)   # 2,230,527 parameters: 1,050,624 + 1,049,088 + 130,815
@@ -227,28 +228,13 @@ def report(world: int, results: list, steps: int) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=20, help="timed blocks per implementation")
-    parser.add_argument("--steps", type=int, default=2, help="steps per timed block")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="3 repeats of 1 step: a smoke run")
-    args = parser.parse_args()
-    if args.quick:
-        args.repeats, args.steps = 3, 1
-    import labkit
+    args = _paired.arguments(__doc__, repeats=20)
     n_params = sum(p.numel() for p in mlp().parameters())
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, gloo, 1 thread per rank; MLP "
           f"{' -> '.join(map(str, WIDTHS))}, {n_params:,} parameters (float32), {BATCH} samples "
           f"per rank, Adam; {args.warmup} warm-up steps, 1 counted step, then {args.repeats} "
           f"rotating blocks of {args.steps} steps each")
-    ok = True
-    for world in (2, 4):
-        work = len(NAMES) * (args.warmup + 1 + args.steps * args.repeats)
-        results = labkit.launch(rank_main, nprocs=world, threads=1, quiet=True,
-                                timeout=120 + 3 * world * work,
-                                args=(args.steps, args.repeats, args.warmup))
-        ok = report(world, results, args.steps) and ok
-    labkit.shutdown()
+    ok = _paired.each_world(rank_main, args, NAMES, report)
     print(f"\ntarget: ours / torch <= {TARGET} in ring-model wire bytes at 2 and 4 ranks, same "
           f"parameters: {'met' if ok else 'NOT met'}")
 

@@ -27,7 +27,6 @@ atol 1e-6: three reductions in float32 in different orders, over several Adam st
 Run: .venv/bin/python bench/zero3_vs_fsdp2.py [--repeats N] [--steps S] [--quick]
 Target (course issue): step time ours / fsdp2 <= 1.0x; peak memory and bytes reported beside it.
 """
-import argparse
 import datetime
 import math
 import os
@@ -37,6 +36,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+import _paired   # bench/_paired.py: the command line and the launches
 
 TARGET = 1.0
 WIDTH, LAYERS, BATCH, LR = 1024, 10, 16, 1e-3
@@ -293,28 +294,13 @@ def report(world: int, results: list, steps: int) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=10, help="timed blocks per implementation")
-    parser.add_argument("--steps", type=int, default=2, help="steps per timed block")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="3 repeats of 1 step: a smoke run")
-    args = parser.parse_args()
-    if args.quick:
-        args.repeats, args.steps = 3, 1
-    import labkit
+    args = _paired.arguments(__doc__, repeats=10)
     n_params = sum(p.numel() for p in model().parameters())
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, gloo, 1 thread per rank; "
           f"{LAYERS} x Linear({WIDTH}, {WIDTH}), {n_params:,} parameters (float32), {BATCH} "
           f"samples per rank, Adam; {args.warmup} warm-up steps, 1 traced step, then "
           f"{args.repeats} rotating blocks of {args.steps} steps each")
-    ok = True
-    for world in (2, 4):
-        work = len(NAMES) * (args.warmup + 1 + args.steps * args.repeats)
-        results = labkit.launch(rank_main, nprocs=world, threads=1, quiet=True,
-                                timeout=120 + 3 * world * work,
-                                args=(args.steps, args.repeats, args.warmup))
-        ok = report(world, results, args.steps) and ok
-    labkit.shutdown()
+    ok = _paired.each_world(rank_main, args, NAMES, report)
     print(f"\ntarget: ours / fsdp2 <= {TARGET} in step time at 2 and 4 ranks, same parameters: "
           f"{'met' if ok else 'NOT met'}")
 
