@@ -62,9 +62,20 @@ def close(a, b):
 
 
 def fresh_inputs(n: int, cases) -> list:
-    """One [n, size] stack per case, random and new at every call (seeded by the OS)."""
+    """One [n, size] stack per case, random and new at every call (seeded by the OS).
+
+    Every value lies in 1 <= |x| < 2, with one sign per element shared by all ranks: the sum
+    over any proper subset of the ranks then misses the full sum by at least 1, so a wrong
+    result can never pass as right by chance (with randn, a rank's own value equals the sum
+    whenever the others' are near zero, and a hint would report a stray "correct" element).
+    """
     generator = torch.Generator().manual_seed(secrets.randbits(63))
-    return [torch.randn(n, case.size, dtype=case.dtype, generator=generator) for case in cases]
+    stacks = []
+    for case in cases:
+        magnitude = 1 + torch.rand(n, case.size, dtype=case.dtype, generator=generator)
+        sign = torch.randint(0, 2, (1, case.size), generator=generator).to(case.dtype) * 2 - 1
+        stacks.append(magnitude * sign)
+    return stacks
 
 
 def reference_sum(stack: torch.Tensor) -> torch.Tensor:
