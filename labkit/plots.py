@@ -188,3 +188,9 @@ def memory_timeline(timeline, unit: str = "MB", title: str | None = None, ax=Non
     ax.set_title(title or "Memory by category, op by op")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return ax
+
+
+# --- collectives step by step, and timelines of a step (decks and notebooks 01-03) -------------
+
+
+# --- strategies side by side: memory, bytes and time per strategy (decks and notebooks 07-09) ---
