@@ -18,6 +18,21 @@ BYTES_PER_PARAM = {
 PRECISIONS = ("mixed", "fp32")
 OPTIMIZERS = ("Adam", "SGD + momentum", "SGD")
 WORLD_SIZES = tuple(2**i for i in range(11))
+# The parameter-count slider's stops, in billions: 1, 1.5, 2, 3, 5, 7.5 per decade from 1e6 to
+# 1e12. A SelectionSlider lands exactly on them; a FloatLogSlider snaps to its exponent grid in
+# the browser (7.5 B came back as 10^0.88 = 7.59 B) and sends that value to the kernel.
+MANTISSAS = (1, 1.5, 2, 3, 5, 7.5)
+BILLIONS = tuple(round(m * 10.0**e, 6) for e in range(-3, 3) for m in MANTISSAS) + (1000,)
+
+
+def parameter_stops(billions: float) -> tuple:
+    """The slider's stops with ``billions`` among them (a size off the grid is added, in order)."""
+    stops = set(BILLIONS) | {billions}
+    return tuple(sorted(stops))
+
+
+def billions_label(billions: float) -> str:
+    return f"{billions:g} B" if billions >= 1 else f"{billions * 1e3:g} M"
 
 
 def model_state_bytes(num_params: float, world_size: int, stage: int, precision: str = "mixed",
@@ -41,8 +56,10 @@ class MemoryCalculator:
         style = {"description_width": "110px"}
         self.mode = w.ToggleButtons(options=["parameter count", "transformer shape"],
                                     description="model", style=style)
-        self.billions = w.FloatLogSlider(value=num_params / 1e9, base=10, min=-3, max=3, step=0.01,
-                                         description="params (B)", style=style)
+        billions = num_params / 1e9
+        self.billions = w.SelectionSlider(
+            options=[(billions_label(b), b) for b in parameter_stops(billions)], value=billions,
+            description="parameters", style=style)
         self.layers = w.IntSlider(value=32, min=1, max=128, description="layers", style=style)
         self.hidden = w.IntSlider(value=4096, min=64, max=16384, step=64, description="hidden",
                                   style=style)

@@ -201,7 +201,7 @@ def assert_summary_matches_formula(text: str, num_params: float, world_size: int
 def test_memory_calculator_slider_changes_the_numbers_and_the_figure(tmp_path):
     # ZeRO-3 with mixed-precision Adam: 16 bytes per parameter, split over the ranks (ZeRO §3.1).
     for world in (64, 128):
-        assert sum(model_state_bytes(10e9, world, 3).values()) == pytest.approx(16 * 10e9 / world)
+        assert sum(model_state_bytes(7.5e9, world, 3).values()) == pytest.approx(16 * 7.5e9 / world)
 
     fixture = os.path.join(ROOT, "tests", "fixtures", "browser", "memory_calculator.ipynb")
     with jupyterlab(tmp_path, fixture) as base, chromium_page() as page:
@@ -211,11 +211,14 @@ def test_memory_calculator_slider_changes_the_numbers_and_the_figure(tmp_path):
         slider = page.locator(".widget-hslider", has_text="world size")
         playwright_sync.expect(figure).to_have_count(1, timeout=WAIT_MS)
         playwright_sync.expect(slider.locator(".widget-readout")).to_have_text("64")
-        # The browser snaps the log slider's value to its grid and sends it back, which redraws
-        # the same numbers (the same PNG): let that settle before reading the page.
+        # Let the first render settle: a slider the browser snapped to its own grid would send
+        # its value back here and redraw (a log slider once turned 7.5 B into 7.59 B).
         page.wait_for_function(KERNEL_IDLE, timeout=WAIT_MS)
+        parameters = page.locator(".widget-hslider", has_text="parameters")
+        playwright_sync.expect(parameters.locator(".widget-readout")).to_have_text("7.5 B")
         before_text = summary.inner_text()
-        assert_summary_matches_formula(before_text, 10e9, 64, 3)
+        assert before_text.startswith("7.5 B parameters: ")
+        assert_summary_matches_formula(before_text, 7.5e9, 64, 3)
         before = figure.get_attribute("src")
         assert before.startswith("data:image/png;base64,")
 
@@ -224,7 +227,7 @@ def test_memory_calculator_slider_changes_the_numbers_and_the_figure(tmp_path):
         page.keyboard.press("ArrowRight")
         playwright_sync.expect(slider.locator(".widget-readout")).to_have_text("128")
         playwright_sync.expect(summary).not_to_have_text(before_text, timeout=WAIT_MS)
-        assert_summary_matches_formula(summary.inner_text(), 10e9, 128, 3)
+        assert_summary_matches_formula(summary.inner_text(), 7.5e9, 128, 3)
         # The summary is printed before the figure is redrawn: wait for the new image.
         page.wait_for_function(
             """old => { const imgs = document.querySelectorAll('.jp-OutputArea-output img');

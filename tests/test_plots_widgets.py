@@ -106,3 +106,17 @@ def test_memory_timeline_rejects_an_empty_timeline_and_an_unknown_unit():
         plots.memory_timeline([])
     with pytest.raises(ValueError, match="unit must be one of"):
         plots.memory_timeline([("enter", 1, {"params": 1})], unit="parsecs")
+
+
+def test_parameter_slider_keeps_the_requested_size_exactly():
+    # A FloatLogSlider snapped 7.5 B to its exponent grid (10^0.88 = 7.59 B) in the browser.
+    for num_params in (7.5e9, 6.7e9, 125e6, 175e9):
+        calc = widgets.memory_calculator(num_params=num_params)
+        assert calc.num_params() == pytest.approx(num_params, rel=1e-12)
+        assert calc.summary.value.startswith(f"<b>{num_params / 1e9:.3g} B parameters</b>")
+    calc = widgets.memory_calculator(num_params=7.5e9)
+    stops = [value for _, value in calc.billions.options]
+    assert stops == sorted(stops) and len(set(stops)) == len(stops)
+    calc.billions.index += 1                      # one step right, as the arrow key does
+    assert calc.num_params() == 10e9
+    assert calc.billions.label == "10 B"
