@@ -1,5 +1,6 @@
 # make lab   install and open the course
 # make test  install and run the whole test suite
+# make slides build every deck (HTML and PDF) into slides/build/
 #
 # GPU: make lab TORCH_PIN=<version> TORCH_INDEX="--index-url <CUDA wheel index>"  (see README.md)
 
@@ -16,7 +17,7 @@ TORCH_LOCK := $(VENV)/torch-lock.txt
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv torch install-lab install-test chromium lab test bench clean
+.PHONY: venv torch install-lab install-test chromium slides-deps slides lab test bench clean
 
 venv: $(PY)
 
@@ -64,6 +65,19 @@ chromium:
 	      >/dev/null; } || echo "make: apt-get could not install chromium; the browser tests will skip"; \
 	else echo "make: $(CHROMIUM) is missing and not installed (needs root, apt-get and CHROMIUM_APT=1); the browser tests will skip"; fi
 
+# The decks' toolchain: Marp CLI, exactly as slides/package-lock.json pins it (npm ci). Without
+# npm, say so: `make slides` stops there and tests/test_slides.py skips with the reason.
+NPM ?= npm
+MARP_STAMP := slides/node_modules/.installed
+slides-deps: $(MARP_STAMP)
+$(MARP_STAMP): slides/package-lock.json
+	@if command -v $(NPM) >/dev/null 2>&1; then \
+	  cd slides && $(NPM) ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed; \
+	else echo "make: npm is missing (Node.js 18+ builds the slides); the slide tests will skip"; fi
+
+slides: install-test slides-deps chromium
+	$(PY) slides/build.py
+
 # learner_lab_config.py hides notebooks/source (the solutions) from the learners' lab.
 lab: install-lab
 	$(VENV)/bin/jupyter lab notebooks/ --config=learner_lab_config.py $(if $(filter 0,$(shell id -u)),--allow-root)
@@ -71,10 +85,10 @@ lab: install-lab
 # Two pytest runs over tests/: first everything but the notebooks, one test at a time (the
 # launcher tests are timing-sensitive); then the tests marked "notebook" (each learner and
 # solution notebook run in a fresh kernel and graded, real nbgrader on a sample), two at a time:
-# a notebook spends much of its time waiting for kernels and ranks; the two browser tests (JupyterLab
-# in headless Chromium) run there too. PYTEST_ARGS goes to both.
+# a notebook spends much of its time waiting for kernels and ranks; the browser tests (JupyterLab
+# in headless Chromium) and the slides (every deck built and looked at in Chromium) run there too. PYTEST_ARGS goes to both.
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
-test: install-test chromium
+test: install-test chromium slides-deps
 	@$(PY) -m pytest -m "not notebook" $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: no tests collected"; rc=0; fi; \
 	  $(PY) -m pytest -m notebook -n 2 $(PYTEST_ARGS); nb=$$?; \
@@ -89,5 +103,5 @@ bench: install-test
 	$(PY) bench/zero3_vs_fsdp2.py
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache $(VENV)/*.stamp $(TORCH_LOCK)
+	rm -rf build dist slides/build *.egg-info .pytest_cache $(VENV)/*.stamp $(TORCH_LOCK)
 	find . -path ./$(VENV) -prune -o \( -name __pycache__ -o -name .ipynb_checkpoints \) -type d -prune -exec rm -rf {} +
