@@ -168,6 +168,25 @@ class MLP(nn.Module):
         return F.mse_loss(output, target)
 
 
+class Blocks(nn.Sequential):
+    """An MLP as a sequence of blocks, each a Linear and (but the last) a tanh: ZeRO-3's units
+    are the blocks, called one after another (``python -m labkit.train``)."""
+
+    def __init__(self, *widths):
+        pairs = list(zip(widths, widths[1:]))
+        super().__init__(*[nn.Sequential(nn.Linear(a, b), *([nn.Tanh()] if i < len(pairs) - 1 else []))
+                           for i, (a, b) in enumerate(pairs)])
+
+    def batch(self, n, generator, dtype=torch.float32):
+        first, last = self[0][0].in_features, self[-1][0].out_features
+        return (torch.randn(n, first, generator=generator, dtype=dtype),
+                torch.randn(n, last, generator=generator, dtype=dtype))
+
+    @staticmethod
+    def loss(output, target):
+        return F.mse_loss(output, target)
+
+
 GRADING = {"plain": Plain, "batchnorm": WithBatchNorm, "frozen": WithFrozen, "tied": Tied,
            "unused": WithUnused}
 
