@@ -28,6 +28,7 @@ torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous; this module calls
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import inspect
 import os
@@ -63,6 +64,9 @@ def parse(argv=None):
     parser.add_argument("--check", action="store_true",
                         help="also train in one process on rank 0 and print the largest difference")
     parser.add_argument("--save", metavar="PATH", help="rank 0 writes the final parameters here")
+    parser.add_argument("--timeout", type=float, default=300, metavar="SECONDS",
+                        help="how long a collective may wait for the other ranks (default 300 s; "
+                             "torch's own default is 10 min for NCCL, 30 for gloo)")
     args = parser.parse_args(argv)
     if args.width < 1 or args.depth < 1 or args.steps < 1 or args.batch < 1:
         parser.error("--width, --depth, --steps and --batch must be positive")
@@ -144,7 +148,7 @@ class Trainer:
         return {name: t.detach().cpu().clone() for name, t in state.items()}
 
 
-def init_distributed():
+def init_distributed(timeout_s: float = 300):
     """init_process_group from torchrun's environment; returns the device this rank uses."""
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
@@ -154,9 +158,10 @@ def init_distributed():
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if torch.cuda.is_available() and torch.cuda.device_count() >= local_world:
         torch.cuda.set_device(local_rank)          # before init: NCCL uses one GPU per rank
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank),
+                                timeout=datetime.timedelta(seconds=timeout_s))
         return torch.device("cuda", local_rank)
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return torch.device("cpu")
 
 
@@ -232,7 +237,7 @@ def report(args, rows: list, world: int) -> list[str]:
 def main(argv=None) -> int:
     args = parse(argv)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    device = init_distributed()
+    device = init_distributed(args.timeout)
     try:
         mine = train(args, device)
         rows = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
