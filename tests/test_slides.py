@@ -57,7 +57,7 @@ def test_one_deck_per_notebook():
         assert (SLIDES / "decks" / f"{name}.py").exists(), f"{name}.md has no values module"
 
 
-ALLOWED = [r"torch \d+\.\d+", r"§\s?\d+(\.\d+)*", r"arXiv:?\s?\d{4}\.\d{4,5}", r"\b(19|20)\d\d\b",
+ALLOWED = [r"torch \d+\.\d+", r"§\s?\d+(\.\d+)*(\s?[–-]\s?\d+(\.\d+)*)?", r"arXiv:?\s?\d{4}\.\d{4,5}", r"\b(19|20)\d\d\b",
            r"Python \d+\.\d+", r"\b[wh]:\d+"]   # the last: a figure's width on the slide
 
 
@@ -74,7 +74,7 @@ def typed_numbers(template: str) -> list[str]:
 
 def test_the_typed_number_rule_catches_numbers():
     assert typed_numbers("a $7.5$ B model on 1024 ranks") == ["7.5", "1024"]
-    assert typed_numbers("ZeRO-3 on 4 ranks, §3.1, torch 2.13, `x = 256`\n<!-- 123 -->") == []
+    assert typed_numbers("ZeRO-3 on 4 ranks, §3.1, §5.1–5.3, torch 2.13, `x = 256`\n<!-- 123 -->") == []
 
 
 @pytest.mark.parametrize("name", DECKS)
