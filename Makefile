@@ -95,12 +95,12 @@ test: install-test chromium slides-deps
 	  if [ $$nb -eq 5 ]; then echo "make test: no notebook tests collected"; nb=0; fi; \
 	  if [ $$rc -ne 0 ]; then exit $$rc; fi; exit $$nb
 
+# Every benchmark in turn (bench/run_all.py: ours and the reference alternating in the same run),
+# then one summary table, also written into bench/README.md with the machine it was measured on.
+# BENCH_ARGS=--quick: a smoke run (every bench runs and computes its ratios; README untouched).
+BENCH_ARGS ?=
 bench: install-test
-	$(PY) bench/launch_speed.py
-	$(PY) bench/memory_overhead.py
-	$(PY) bench/ddp_vs_torch.py
-	$(PY) bench/zero1_vs_torch.py
-	$(PY) bench/zero3_vs_fsdp2.py
+	$(PY) bench/run_all.py --write-readme $(BENCH_ARGS)
 
 clean:
 	rm -rf build dist slides/build *.egg-info .pytest_cache $(VENV)/*.stamp $(TORCH_LOCK)

@@ -22,8 +22,25 @@ does the same (no private knob needed); the two bucket layouts are printed side 
 Correctness: both models must end with equal parameters (allclose, rtol 1e-5, atol 1e-7; with 2
 ranks the two reductions do the same float operations, so they usually end bitwise equal).
 
+Overlap efficiency: the share of the time an all-reduce is in flight that falls within the
+backward pass, for ours and for torch's, measured as notebook 03's timeline cell does: after the
+timed blocks, --overlap-steps steps of each (alternating) under a labkit.CommCounter, which gives
+each all-reduce's time from its call to its completion; a collective is in flight from the
+moment it is issued (noted as the ledger sees the call: torch's reducer issues its all-reduces
+from a hook that runs after every post-accumulate-grad hook, so hook stamps would see them one
+gradient late) until it completes. Backward runs from the call of `loss.backward()` to the last
+gradient accumulated (a post-accumulate-grad hook on every parameter, registered before either
+DDP's own): torch's `backward()` itself returns only after its reducer has waited for every
+bucket, so its end is not the end of the computation. Efficiency = (time with at least one
+all-reduce in flight, within backward) / (time with at least one in flight); 1 = all hidden. A
+step's value is the mean over the ranks; printed: the median over steps, its range, and the
+ratio ours / torch's. With two 25 MiB buckets, only the first bucket can overlap, and only with
+the backward of the first layer, so both are far from 1; smaller buckets overlap more.
+
 Run: .venv/bin/python bench/ddp_vs_torch.py [--steps N] [--repeats R] [--bucket-mb M]
-Target from course issue 9: ours <= 1.05x torch's step time.
+[--overlap-steps K] [--quick] [--json PATH]; --quick: 2 warm-up steps, 3 blocks of 1 step and 2
+overlap steps each, to check that it runs and computes its ratios.
+Target from course issue 9: ours <= 1.05x torch's step time. Overlap efficiency: reported.
 """
 import argparse
 import datetime
@@ -33,6 +50,9 @@ import time
 
 import torch
 import torch.distributed as dist
+
+import _report   # bench/_report.py: --quick, --json, progress bars, the results table
+from labkit.comm import CommCounter
 
 TARGET = 1.05
 WIDTHS = (1024, 1536, 1536, 1536, 1536, 1024)  # 10,230,784 parameters
@@ -45,6 +65,33 @@ def mlp() -> torch.nn.Sequential:
     for n_in, n_out in zip(WIDTHS, WIDTHS[1:]):
         layers += [torch.nn.Linear(n_in, n_out), torch.nn.ReLU()]
     return torch.nn.Sequential(*layers[:-1])
+
+
+class IssueStamps(CommCounter):
+    """A CommCounter that also notes when each collective was issued (time.perf_counter, the
+    clock its `seconds` are measured on): ``issued[i]`` for ``calls[i]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.issued = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        index, now = len(self._calls), time.perf_counter()
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if len(self._calls) > index:   # it was a collective: the ledger has one more call
+            self.issued[index] = now
+        return out
+
+
+def in_flight(intervals, since=float("-inf"), until=float("inf")) -> float:
+    """Seconds within [since, until] during which at least one (start, end) interval runs."""
+    total, reach = 0.0, since
+    for start, end in sorted(intervals):
+        start, end = max(start, reach), min(end, until)
+        if end > start:
+            total += end - start
+            reach = end
+    return total
 
 
 class BucketedDDP(torch.nn.Module):
@@ -124,13 +171,22 @@ def train_step(model, optimizer, batch, finish=None):
     optimizer.zero_grad()
 
 
-def rank_main(steps: int, repeats: int, warmup: int, bucket_mb: float, batch: int) -> dict:
-    """Runs on each rank: warm-up, alternating timed blocks, then the equality check."""
+def rank_main(steps: int, repeats: int, warmup: int, bucket_mb: float, batch: int,
+              overlap_steps: int = 0, show: bool = False) -> dict:
+    """Runs on each rank: warm-up, alternating timed blocks, overlap steps, the equality check."""
     torch.set_num_threads(1)
     rank = dist.get_rank()
     torch.manual_seed(0)
     ours_net, torch_net = mlp(), mlp()
     torch_net.load_state_dict(ours_net.state_dict())
+    grads_at = []    # perf_counter of each gradient accumulated, while measuring overlap
+    stamping = False
+
+    def stamp(_):
+        if stamping:
+            grads_at.append(time.perf_counter())
+    for p in [*ours_net.parameters(), *torch_net.parameters()]:   # before either DDP's hooks
+        p.register_post_accumulate_grad_hook(stamp)
     ours = BucketedDDP(ours_net, bucket_mb)
     theirs = torch.nn.parallel.DistributedDataParallel(torch_net, bucket_cap_mb=bucket_mb)
     gen = torch.Generator().manual_seed(1000 + rank)  # each rank its own shard of the data
@@ -151,12 +207,48 @@ def rank_main(steps: int, repeats: int, warmup: int, bucket_mb: float, batch: in
     for name in runs:
         block(name, warmup)
     times = {name: [] for name in runs}
-    for repeat in range(repeats):
+    for repeat in _report.progress(range(repeats), desc="timed blocks", show=show and rank == 0):
         for name in (("ours", "torch") if repeat % 2 == 0 else ("torch", "ours")):
             dist.barrier()  # bounded by the process group's timeout (labkit's collective_timeout)
             start = time.perf_counter()
             block(name, steps)
             times[name].append(time.perf_counter() - start)
+
+    def overlap_step(name):
+        """One step under the ledger: the all-reduces' times in flight against backward's."""
+        nonlocal stamping
+        model, optimizer, finish = runs[name]
+        x, y = batches[done[name] % len(batches)]
+        comm = IssueStamps()
+        dist.barrier()
+        grads_at.clear()
+        stamping = True
+        with comm:
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            backward_start = time.perf_counter()
+            loss.backward()
+            if finish is not None:
+                finish()
+        stamping = False
+        optimizer.step()
+        optimizer.zero_grad()
+        done[name] += 1
+        last_grad = max(grads_at)
+        calls = [(i, c) for i, c in enumerate(comm.calls) if c.op == "all_reduce"]
+        if any(c.seconds is None for _, c in calls):
+            raise RuntimeError("an all-reduce's completion was not seen")
+        spans = [(comm.issued[i], comm.issued[i] + c.seconds) for i, c in calls]
+        total = in_flight(spans)
+        hidden = in_flight(spans, backward_start, last_grad)
+        return {"efficiency": hidden / total, "in_flight_ms": total * 1e3,
+                "hidden_ms": hidden * 1e3, "backward_ms": (last_grad - backward_start) * 1e3,
+                "all_reduces": len(spans),
+                "started_in_backward": sum(start < last_grad for start, _ in spans)}
+
+    overlap = {name: [] for name in runs}
+    for k in _report.progress(range(overlap_steps), desc="overlap steps", show=show and rank == 0):
+        for name in (("ours", "torch") if k % 2 == 0 else ("torch", "ours")):
+            overlap[name].append(overlap_step(name))
 
     diff = max((a - b).abs().max().item() for a, b in zip(ours_net.parameters(),
                                                           torch_net.parameters()))
@@ -170,7 +262,7 @@ def rank_main(steps: int, repeats: int, warmup: int, bucket_mb: float, batch: in
     # torch's layout after its rebuild, for display only (a private API: "?" if it moves)
     logging_data = getattr(theirs, "_get_ddp_logging_data", dict)()
     torch_buckets = logging_data.get("rebuilt_bucket_sizes", "?")
-    return {"times": times, "diff": diff, "close": close, "bitwise": bitwise,
+    return {"times": times, "overlap": overlap, "diff": diff, "close": close, "bitwise": bitwise,
             "replica_diff": (checksum - rank0).abs().max().item(),
             "ours_buckets": ours.bucket_bytes(), "torch_buckets": str(torch_buckets),
             "steps_done": dict(done)}
@@ -183,40 +275,85 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--bucket-mb", type=float, default=25.0, help="bucket cap in MiB, both")
     parser.add_argument("--batch", type=int, default=64, help="samples per rank per step")
+    parser.add_argument("--overlap-steps", type=int, default=6,
+                        help="steps of each under the ledger, for the overlap efficiency")
+    _report.add_arguments(parser, "2 warm-up steps, 3 blocks of 1 step, 2 overlap steps each")
     args = parser.parse_args()
+    if args.quick:
+        args.warmup, args.repeats, args.steps, args.overlap_steps = 2, 3, 1, 2
     import labkit
+    results = _report.Results("ddp_vs_torch", args.quick, {
+        k: getattr(args, k) for k in ("steps", "repeats", "warmup", "bucket_mb", "batch",
+                                      "overlap_steps")})
     n_params = sum(p.numel() for p in mlp().parameters())
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, 2 ranks, gloo, 1 thread each; "
           f"MLP {n_params:,} parameters, batch {args.batch} per rank; buckets {args.bucket_mb:g}"
           f" MiB; {args.warmup} warm-up steps, then {args.repeats} alternating blocks of "
-          f"{args.steps} steps each")
-    work = 2 * (args.warmup + args.steps * args.repeats)
-    results = labkit.launch(rank_main, nprocs=2, threads=1, quiet=True, timeout=120 + 5 * work,
-                            args=(args.steps, args.repeats, args.warmup, args.bucket_mb,
-                                  args.batch))
+          f"{args.steps} steps each, then {args.overlap_steps} steps each under the ledger")
+    work = 2 * (args.warmup + args.steps * args.repeats + args.overlap_steps)
+    results_by_rank = labkit.launch(
+        rank_main, nprocs=2, threads=1, quiet=True, timeout=120 + 5 * work,
+        args=(args.steps, args.repeats, args.warmup, args.bucket_mb, args.batch,
+              args.overlap_steps, _report.show_progress()))
     labkit.shutdown()
+    ranks = results_by_rank
 
     def block_times(name):  # a block lasts as long as its slower rank
-        return [max(ts) for ts in zip(*(r["times"][name] for r in results))]
+        return [max(ts) for ts in zip(*(r["times"][name] for r in ranks))]
 
     ours, theirs = block_times("ours"), block_times("torch")
     ratios = [o / t for o, t in zip(ours, theirs)]
     ms = {name: statistics.median(ts) * 1000 / args.steps for name, ts in
           (("ours", ours), ("torch", theirs))}
-    print(f"\nbuckets, bytes: ours {', '.join(map(str, results[0]['ours_buckets']))}; "
-          f"torch (rebuilt) {results[0]['torch_buckets']}")
+    print(f"\nbuckets, bytes: ours {', '.join(map(str, ranks[0]['ours_buckets']))}; "
+          f"torch (rebuilt) {ranks[0]['torch_buckets']}")
     print(f"median step time: ours {ms['ours']:.1f} ms, torch {ms['torch']:.1f} ms")
     print(f"ours / torch: median {statistics.median(ratios):.3f}x "
           f"(per repeat {min(ratios):.3f}-{max(ratios):.3f})")
-    equal = all(r["close"] for r in results)
-    print(f"parameters after {results[0]['steps_done']['ours']} steps each: "
+    equal = all(r["close"] for r in ranks)
+    print(f"parameters after {ranks[0]['steps_done']['ours']} steps each: "
           f"{'equal' if equal else 'NOT equal'} (allclose rtol {RTOL:g} atol {ATOL:g}; "
-          f"{'bitwise equal' if all(r['bitwise'] for r in results) else 'not bitwise'}; "
-          f"max |ours - torch| {max(r['diff'] for r in results):.3g}; "
-          f"max |rank 1 - rank 0| {max(r['replica_diff'] for r in results):.3g})")
+          f"{'bitwise equal' if all(r['bitwise'] for r in ranks) else 'not bitwise'}; "
+          f"max |ours - torch| {max(r['diff'] for r in ranks):.3g}; "
+          f"max |rank 1 - rank 0| {max(r['replica_diff'] for r in ranks):.3g})")
     ok = equal and statistics.median(ratios) <= TARGET
     print(f"target: ours <= {TARGET}x torch's step time, same parameters: "
           f"{'met' if ok else 'NOT met'}")
+    results.add("ddp/step_time", "step time", "2 ranks", "ms", "ours",
+                [t * 1000 / args.steps for t in ours], "torch DDP",
+                [t * 1000 / args.steps for t in theirs], ratios=ratios,
+                target=f"ratio <= {TARGET}", met=ok)
+    results.check("ours and torch's DDP end with equal parameters", equal)
+
+    if args.overlap_steps:
+        def per_step(name, key):   # the mean over the ranks, step by step
+            return [statistics.mean(r["overlap"][name][k][key] for r in ranks)
+                    for k in range(args.overlap_steps)]
+        print(f"\noverlap efficiency (all-reduce time in flight within backward / all of it; "
+              f"median over {args.overlap_steps} steps, mean of the ranks):")
+        eff = {}
+        for name in ("ours", "torch"):
+            eff[name] = per_step(name, "efficiency")
+            median = {key: statistics.median(per_step(name, key))
+                      for key in ("in_flight_ms", "hidden_ms", "backward_ms")}
+            first = ranks[0]["overlap"][name][-1]
+            print(f"  {name:>5}: {statistics.median(eff[name]):.3f} (per step "
+                  f"{min(eff[name]):.3f}-{max(eff[name]):.3f}); in flight "
+                  f"{median['in_flight_ms']:.1f} ms, of which {median['hidden_ms']:.1f} ms "
+                  f"within backward ({median['backward_ms']:.1f} ms); "
+                  f"{first['started_in_backward']} of {first['all_reduces']} all-reduces "
+                  f"issued before the last gradient")
+        paired = all(t > 0 for t in eff["torch"])
+        overlap_ratios = [o / t for o, t in zip(eff["ours"], eff["torch"])] if paired else None
+        if paired:
+            print(f"  ours / torch: median {statistics.median(overlap_ratios):.3f}x (per step "
+                  f"{min(overlap_ratios):.3f}-{max(overlap_ratios):.3f})")
+        results.add("ddp/overlap", "overlap efficiency (share of comm. hidden in backward)",
+                    "2 ranks", "", "ours", eff["ours"], "torch DDP", eff["torch"],
+                    ratios=overlap_ratios)
+    results.extra["buckets"] = {"ours": ranks[0]["ours_buckets"],
+                                "torch": ranks[0]["torch_buckets"]}
+    results.finish(args.json)
 
 
 if __name__ == "__main__":

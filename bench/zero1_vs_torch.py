@@ -28,9 +28,10 @@ slowest rank's; the step-time ratio is the median over repeats of ours / torch's
 repeat, with its range. At the end the three models must hold the same parameters (allclose,
 rtol 1e-4, atol 1e-6: three reductions in three orders, in float32, over several Adam steps).
 
-Run: .venv/bin/python bench/zero1_vs_torch.py [--repeats N] [--steps S] [--quick]
-Target (course issue): ours / torch <= 0.67 in ring-model wire bytes; payload and step time are
-reported beside it.
+Run: .venv/bin/python bench/zero1_vs_torch.py [--repeats N] [--steps S] [--quick] [--json PATH]
+(--quick: 3 blocks of 1 step, to check that it runs and computes its ratios).
+Target (course issue): ours / torch <= 0.67 in ring-model wire bytes; payload, bytes written and
+step time are reported beside it.
 """
 import datetime
 import math
@@ -42,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 import _paired   # bench/_paired.py: the command line and the launches
+import _report   # bench/_report.py: --quick, --json, progress bars, the results table
 
 TARGET = 0.67
 WIDTHS = (512, 2048, 512, 255)   # 2,230,527 parameters: 1,050,624 + 1,049,088 + 130,815
@@ -118,7 +120,7 @@ def written_bytes():
         return None
 
 
-def rank_main(steps: int, repeats: int, warmup: int) -> dict:
+def rank_main(steps: int, repeats: int, warmup: int, show: bool = False) -> dict:
     """Runs on each rank: warm-up, one counted step each, alternating timed blocks, equality."""
     import labkit
     from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -164,7 +166,8 @@ def rank_main(steps: int, repeats: int, warmup: int) -> dict:
                          "written": None if before is None else after - before,
                          "ops": {op: row["calls"] for op, row in comm.summary().items()}}
     times = {name: [] for name in NAMES}
-    for repeat in range(repeats):
+    for repeat in _report.progress(range(repeats), desc=f"{dist.get_world_size()} ranks",
+                                   show=show and rank == 0):
         shift = repeat % len(NAMES)
         for name in NAMES[shift:] + NAMES[:shift]:
             dist.barrier()  # bounded by the process group's timeout (labkit's collective_timeout)
@@ -184,7 +187,8 @@ def rank_main(steps: int, repeats: int, warmup: int) -> dict:
             "state": state_bytes, "steps_done": dict(done)}
 
 
-def report(world: int, results: list, steps: int) -> bool:
+def report(world: int, results: list, steps: int, out: _report.Results) -> bool:
+    """Print one world size's bytes and times; add them to ``out``; True if the target is met."""
     def block_times(name):  # a block lasts as long as its slowest rank
         return [max(ts) for ts in zip(*(r["times"][name] for r in results))]
 
@@ -220,6 +224,21 @@ def report(world: int, results: list, steps: int) -> bool:
               f"{written:.3f}, step time median {statistics.median(ratios):.3f}x "
               f"(per repeat {min(ratios):.3f}-{max(ratios):.3f})")
         ok = ok and wire <= TARGET
+        case = f"{world} ranks"
+        out.add(f"zero1/wire_bytes/{name}/{world}", "wire bytes per step (ring model)", case, "B",
+                name, mean_of(name, "wire"), "torch ZeRO+DDP", mean_of("torch", "wire"),
+                target=f"ratio <= {TARGET}", met=wire <= TARGET)
+        if results[0]["counted"][name]["written"] is not None:
+            out.add(f"zero1/written_bytes/{name}/{world}", "bytes written per step (gloo)", case,
+                    "B", name, mean_of(name, "written"), "torch ZeRO+DDP",
+                    mean_of("torch", "written"))
+        out.add(f"zero1/step_time/{name}/{world}", "step time", case, "ms", name,
+                [t * 1000 / steps for t in blocks[name]], "torch ZeRO+DDP",
+                [t * 1000 / steps for t in blocks["torch"]], ratios=ratios)
+        out.extra.setdefault("payload_bytes", {})[f"{name}/{world}"] = mean_of(name, "payload")
+    out.extra.setdefault("payload_bytes", {})[f"torch/{world}"] = mean_of("torch", "payload")
+    out.check(f"{world} ranks: the three end with equal parameters",
+              all(r["close"] for r in results))
     print(f"parameters after {results[0]['steps_done']['torch']} steps each: "
           f"{'equal' if all(r['close'] for r in results) else 'NOT equal'} "
           f"(allclose rtol {RTOL:g} atol {ATOL:g}; max |ours - torch| "
@@ -228,15 +247,18 @@ def report(world: int, results: list, steps: int) -> bool:
 
 
 def main() -> None:
-    args = _paired.arguments(__doc__, repeats=20)
+    args = _paired.arguments(__doc__, repeats=20, quick_warmup=2)
+    results = _report.Results("zero1_vs_torch", args.quick, {
+        "repeats": args.repeats, "steps": args.steps, "warmup": args.warmup, "ranks": [2, 4]})
     n_params = sum(p.numel() for p in mlp().parameters())
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, gloo, 1 thread per rank; MLP "
           f"{' -> '.join(map(str, WIDTHS))}, {n_params:,} parameters (float32), {BATCH} samples "
           f"per rank, Adam; {args.warmup} warm-up steps, 1 counted step, then {args.repeats} "
           f"rotating blocks of {args.steps} steps each")
-    ok = _paired.each_world(rank_main, args, NAMES, report)
+    ok = _paired.each_world(rank_main, args, NAMES, report, results)
     print(f"\ntarget: ours / torch <= {TARGET} in ring-model wire bytes at 2 and 4 ranks, same "
           f"parameters: {'met' if ok else 'NOT met'}")
+    results.finish(args.json)
 
 
 if __name__ == "__main__":

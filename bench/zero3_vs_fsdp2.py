@@ -24,7 +24,8 @@ time is its slowest rank's; the ratio is the median over repeats of ours / fsdp2
 repeat, with its range. At the end the full parameters must be equal (allclose, rtol 1e-4,
 atol 1e-6: three reductions in float32 in different orders, over several Adam steps).
 
-Run: .venv/bin/python bench/zero3_vs_fsdp2.py [--repeats N] [--steps S] [--quick]
+Run: .venv/bin/python bench/zero3_vs_fsdp2.py [--repeats N] [--steps S] [--quick] [--json PATH]
+(--quick: 1 warm-up step, 3 blocks of 1 step, to check that it runs and computes its ratios).
 Target (course issue): step time ours / fsdp2 <= 1.0x; peak memory and bytes reported beside it.
 """
 import datetime
@@ -38,6 +39,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import _paired   # bench/_paired.py: the command line and the launches
+import _report   # bench/_report.py: --quick, --json, progress bars, the results table
 
 TARGET = 1.0
 WIDTH, LAYERS, BATCH, LR = 1024, 10, 16, 1e-3
@@ -190,7 +192,7 @@ class ZeRO3(nn.Module):
         return full
 
 
-def rank_main(steps: int, repeats: int, warmup: int) -> dict:
+def rank_main(steps: int, repeats: int, warmup: int, show: bool = False) -> dict:
     """Runs on each rank: warm-up, one traced and counted step each, rotating timed blocks."""
     import labkit
     from torch.distributed.device_mesh import init_device_mesh
@@ -244,7 +246,8 @@ def rank_main(steps: int, repeats: int, warmup: int) -> dict:
                           "wire": comm.total_wire_bytes(),
                           "ops": {op: row["calls"] for op, row in comm.summary().items()}}
     times = {name: [] for name in NAMES}
-    for repeat in range(repeats):
+    for repeat in _report.progress(range(repeats), desc=f"{world} ranks",
+                                   show=show and rank == 0):
         shift = repeat % len(NAMES)
         for name in NAMES[shift:] + NAMES[:shift]:
             dist.barrier()
@@ -263,7 +266,8 @@ def rank_main(steps: int, repeats: int, warmup: int) -> dict:
             "steps_done": dict(done)}
 
 
-def report(world: int, results: list, steps: int) -> bool:
+def report(world: int, results: list, steps: int, out: _report.Results) -> bool:
+    """Print one world size's times, memory and bytes; add them to ``out``; True if met."""
     def block_times(name):  # a block lasts as long as its slowest rank
         return [max(ts) for ts in zip(*(r["times"][name] for r in results))]
 
@@ -287,6 +291,16 @@ def report(world: int, results: list, steps: int) -> bool:
               f"{max(ratios):.3f}; target <= {TARGET}: {'met' if median <= TARGET else 'NOT met'}), "
               f"peak memory {peak:.3f}x")
         ok = ok and median <= TARGET
+        case = f"{world} ranks"
+        out.add(f"zero3/step_time/{name}/{world}", "step time", case, "ms", name,
+                [t * 1000 / steps for t in blocks[name]], "FSDP2",
+                [t * 1000 / steps for t in blocks["fsdp2"]], ratios=ratios,
+                target=f"ratio <= {TARGET}", met=median <= TARGET)
+        out.add(f"zero3/peak_memory/{name}/{world}", "peak memory per rank (max over ranks)",
+                case, "B", name, max(r["measured"][name]["peak"] for r in results), "FSDP2",
+                max(r["measured"]["fsdp2"]["peak"] for r in results))
+    out.check(f"{world} ranks: the three end with equal parameters",
+              all(r["close"] for r in results))
     print(f"parameters after {results[0]['steps_done']['fsdp2']} steps each: "
           f"{'equal' if all(r['close'] for r in results) else 'NOT equal'} (allclose rtol {RTOL:g} "
           f"atol {ATOL:g}; max |ours - fsdp2| {max(r['diff'] for r in results):.2g})")
@@ -294,15 +308,18 @@ def report(world: int, results: list, steps: int) -> bool:
 
 
 def main() -> None:
-    args = _paired.arguments(__doc__, repeats=10)
+    args = _paired.arguments(__doc__, repeats=10, quick_warmup=1)
+    results = _report.Results("zero3_vs_fsdp2", args.quick, {
+        "repeats": args.repeats, "steps": args.steps, "warmup": args.warmup, "ranks": [2, 4]})
     n_params = sum(p.numel() for p in model().parameters())
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, gloo, 1 thread per rank; "
           f"{LAYERS} x Linear({WIDTH}, {WIDTH}), {n_params:,} parameters (float32), {BATCH} "
           f"samples per rank, Adam; {args.warmup} warm-up steps, 1 traced step, then "
           f"{args.repeats} rotating blocks of {args.steps} steps each")
-    ok = _paired.each_world(rank_main, args, NAMES, report)
+    ok = _paired.each_world(rank_main, args, NAMES, report, results)
     print(f"\ntarget: ours / fsdp2 <= {TARGET} in step time at 2 and 4 ranks, same parameters: "
           f"{'met' if ok else 'NOT met'}")
+    results.finish(args.json)
 
 
 if __name__ == "__main__":
