@@ -86,7 +86,8 @@ lab: install-lab
 # launcher tests are timing-sensitive); then the tests marked "notebook" (each learner and
 # solution notebook run in a fresh kernel and graded, real nbgrader on a sample), two at a time:
 # a notebook spends much of its time waiting for kernels and ranks; the browser tests (JupyterLab
-# in headless Chromium) and the slides (every deck built and looked at in Chromium) run there too. PYTEST_ARGS goes to both.
+# in headless Chromium), the slides (every deck built and looked at in Chromium), the benches'
+# --quick run and labkit.train under torchrun run there too. PYTEST_ARGS goes to both.
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
 test: install-test chromium slides-deps
 	@$(PY) -m pytest -m "not notebook" $(PYTEST_ARGS); rc=$$?; \

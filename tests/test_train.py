@@ -46,6 +46,7 @@ NUMBER = r"\s+([\d.]+(?:e[-+]\d+)?)"
 ROWS = re.compile(r"^\s+(\d)" + NUMBER * 8 + "$", re.MULTILINE)
 
 
+@pytest.mark.notebook   # end to end under torchrun: in make test's parallel phase
 @pytest.mark.parametrize("strategy,impl", [("ddp", None), ("zero1", None), ("zero2", None),
                                            ("zero3", None), ("zero3", "sharded_solutions:ZeRO3")])
 def test_each_strategy_under_torchrun_trains_as_one_process(tmp_path, strategy, impl):
