@@ -87,6 +87,19 @@ def collective_grid(per_rank) -> tuple:
     return values, mask
 
 
+def _shared_norm(grids):
+    """One colour scale for several (values, mask) grids: logarithmic when every value is > 0
+    and they span more than a factor of 100, so that 1 and 1111 both stand out."""
+    import numpy as np
+    from matplotlib.colors import LogNorm, Normalize
+
+    shown = np.concatenate([values[~mask] for values, mask in grids] or [np.zeros(0)])
+    if shown.size and shown.min() > 0 and shown.max() / shown.min() > 100:
+        return LogNorm(vmin=shown.min(), vmax=shown.max() * 3)
+    low, high = (shown.min(), shown.max()) if shown.size else (0.0, 1.0)
+    return Normalize(vmin=low, vmax=high + (high - low or 1.0) * 0.5)
+
+
 def collective_picture(before, after, title: str | None = None, axes=None, fmt: str = "{:g}",
                        cmap: str = "YlGnBu"):
     """What every rank held before and after a collective: two grids, rank x element.
@@ -100,15 +113,9 @@ def collective_picture(before, after, title: str | None = None, axes=None, fmt: 
     """
     import matplotlib.pyplot as plt
     import numpy as np
-    from matplotlib.colors import LogNorm, Normalize
 
     panels = [collective_grid(before), collective_grid(after)]
-    shown = np.concatenate([values[~mask] for values, mask in panels])
-    if shown.size and shown.min() > 0 and shown.max() / shown.min() > 100:
-        norm = LogNorm(vmin=shown.min(), vmax=shown.max() * 3)
-    else:
-        low, high = (shown.min(), shown.max()) if shown.size else (0.0, 1.0)
-        norm = Normalize(vmin=low, vmax=high + (high - low or 1.0) * 0.5)
+    norm = _shared_norm(panels)
     if axes is None:
         widths = [values.shape[1] for values, _ in panels]
         height = max(values.shape[0] for values, _ in panels)
@@ -191,18 +198,6 @@ def memory_timeline(timeline, unit: str = "MB", title: str | None = None, ax=Non
 
 
 # --- collectives step by step, and timelines of a step (decks and notebooks 01-03) -------------
-
-
-def _shared_norm(grids):
-    """One colour scale for several (values, mask) grids, chosen as collective_picture's."""
-    import numpy as np
-    from matplotlib.colors import LogNorm, Normalize
-
-    shown = np.concatenate([values[~mask] for values, mask in grids] or [np.zeros(0)])
-    if shown.size and shown.min() > 0 and shown.max() / shown.min() > 100:
-        return LogNorm(vmin=shown.min(), vmax=shown.max() * 3)
-    low, high = (shown.min(), shown.max()) if shown.size else (0.0, 1.0)
-    return Normalize(vmin=low, vmax=high + (high - low or 1.0) * 0.5)
 
 
 def collective_steps(states, titles=None, highlight=None, ncols: int | None = None,
