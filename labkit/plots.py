@@ -100,6 +100,25 @@ def _shared_norm(grids):
     return Normalize(vmin=low, vmax=high + (high - low or 1.0) * 0.5)
 
 
+def _draw_cells(ax, values, mask, norm, colours, fmt):
+    """One rank x element grid: coloured cells, each annotated with its value (white on dark),
+    rank 0 on top; masked cells stay blank."""
+    import numpy as np
+
+    ax.pcolormesh(np.ma.masked_array(values, mask), cmap=colours, norm=norm,
+                  edgecolors="white", linewidth=2)
+    for r in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            if mask[r, j]:
+                continue
+            red, green, blue, _ = colours(norm(values[r, j]))
+            dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
+            ax.text(j + 0.5, r + 0.5, fmt.format(values[r, j]), ha="center", va="center",
+                    fontsize="small", color="white" if dark else "black")
+    ax.set_xlim(0, values.shape[1])
+    ax.set_ylim(values.shape[0], 0)   # rank 0 on top
+
+
 def collective_picture(before, after, title: str | None = None, axes=None, fmt: str = "{:g}",
                        cmap: str = "YlGnBu"):
     """What every rank held before and after a collective: two grids, rank x element.
@@ -112,7 +131,6 @@ def collective_picture(before, after, title: str | None = None, axes=None, fmt: 
     axes: a pair of matplotlib Axes to draw in. Returns (ax_before, ax_after).
     """
     import matplotlib.pyplot as plt
-    import numpy as np
 
     panels = [collective_grid(before), collective_grid(after)]
     norm = _shared_norm(panels)
@@ -124,18 +142,7 @@ def collective_picture(before, after, title: str | None = None, axes=None, fmt: 
     colours = plt.get_cmap(cmap)
     for ax, (values, mask), label in zip(axes, panels, ("before", "after")):
         ranks, width = values.shape
-        ax.pcolormesh(np.ma.masked_array(values, mask), cmap=colours, norm=norm,
-                      edgecolors="white", linewidth=2)
-        for r in range(ranks):
-            for j in range(width):
-                if mask[r, j]:
-                    continue
-                red, green, blue, _ = colours(norm(values[r, j]))
-                dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
-                ax.text(j + 0.5, r + 0.5, fmt.format(values[r, j]), ha="center", va="center",
-                        fontsize="small", color="white" if dark else "black")
-        ax.set_xlim(0, width)
-        ax.set_ylim(ranks, 0)   # rank 0 on top
+        _draw_cells(ax, values, mask, norm, colours, fmt)
         ax.set_yticks([r + 0.5 for r in range(ranks)], [f"rank {r}" for r in range(ranks)])
         ax.set_xticks([j + 0.5 for j in range(width)], [str(j) for j in range(width)])
         ax.set_xlabel("element")
@@ -213,7 +220,6 @@ def collective_steps(states, titles=None, highlight=None, ncols: int | None = No
     ``axes`` holds one Axes per state, in order.
     """
     import matplotlib.pyplot as plt
-    import numpy as np
     from matplotlib.patches import Rectangle
 
     if not states:
@@ -238,21 +244,10 @@ def collective_steps(states, titles=None, highlight=None, ncols: int | None = No
             ax.remove()
             continue
         values, mask = grids[i]
-        ax.pcolormesh(np.ma.masked_array(values, mask), cmap=colours, norm=norm,
-                      edgecolors="white", linewidth=2)
-        for r in range(values.shape[0]):
-            for j in range(values.shape[1]):
-                if mask[r, j]:
-                    continue
-                red, green, blue, _ = colours(norm(values[r, j]))
-                dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
-                ax.text(j + 0.5, r + 0.5, fmt.format(values[r, j]), ha="center", va="center",
-                        fontsize="small", color="white" if dark else "black")
+        _draw_cells(ax, values, mask, norm, colours, fmt)
         for r, j in highlight[i]:
             ax.add_patch(Rectangle((j + 0.06, r + 0.08), 0.88, 0.84, fill=False,
                                    edgecolor="black", linewidth=2.2))
-        ax.set_xlim(0, values.shape[1])
-        ax.set_ylim(values.shape[0], 0)   # rank 0 on top
         ax.set_xticks([])
         if i % ncols == 0:
             ax.set_yticks([r + 0.5 for r in range(values.shape[0])],
