@@ -253,6 +253,9 @@ def main(argv=None) -> int:
             if args.save:
                 torch.save(mine["params"], args.save)
                 print(f"parameters written to {args.save}", flush=True)
+        # Leave together: a rank that tears gloo down while rank 0 still checks or saves can
+        # abort in gloo's threads ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     return 0
