@@ -1,6 +1,7 @@
 """labkit: the plumbing of a hands-on course on distributed training.
 
-Learners write the algorithms; labkit launches the ranks (``launch``), measures memory by
+Learners write the algorithms; labkit launches the ranks (``launch``), says where each rank's
+tensors live (``device()``: the CPU, its own GPU, or a GPU it shares), measures memory by
 category (``MemoryTracer``) and communication (``CommCounter``), and holds the formulas
 (``labkit.theory``), simulated large runs (``labkit.simulate``), figures (``labkit.plots``) and
 widgets (``labkit.widgets``).
@@ -15,9 +16,10 @@ from labkit.launcher._server import prestart_if_wanted
 
 prestart_if_wanted()  # in a notebook: the fork server imports torch while the notebook does
 
-_LAZY = {"MemoryTracer": "labkit.memory", "CommCounter": "labkit.comm"}
+_LAZY = {"MemoryTracer": "labkit.memory", "CommCounter": "labkit.comm",
+         "device": "labkit.placement"}
 _SUBMODULES = ("theory", "simulate", "plots", "widgets", "memory", "comm", "compat",
-               "doctor", "check", "models", "stages")
+               "doctor", "check", "models", "stages", "placement")
 
 
 def __getattr__(name):
@@ -30,7 +32,7 @@ def __getattr__(name):
 
 
 __all__ = ["launch", "shutdown", "warm_up", "usable_cores", "LaunchError", "LaunchTimeout",
-           "MemoryTracer",
+           "device", "MemoryTracer",
            "CommCounter", "theory", "simulate", "plots", "widgets", "check", "compat", "models",
            "stages"]
 __version__ = "0.1.0"

@@ -8,8 +8,8 @@ def _all_reduce_check():
     """Each rank contributes rank + 1; every rank must end with 1 + 2 + ... + world size."""
     import torch
     import torch.distributed as dist
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    value = torch.tensor([dist.get_rank() + 1.0], device=device)
+    from labkit.placement import device
+    value = torch.tensor([dist.get_rank() + 1.0], device=device())
     dist.all_reduce(value)
     return value.item()
 
@@ -29,11 +29,13 @@ def facts(nprocs: int) -> list[tuple[str, str]]:
     import torch
     import torch.distributed as dist
 
-    from labkit.launcher._launch import resolve_backend
+    from labkit.launcher._launch import _where
+    from labkit.placement import plan
     from labkit.launcher._platform import machine_cores, threads_per_rank, usable_cores
     available = {name: getattr(dist, f"is_{name}_available", lambda: False)()
                  for name in ("gloo", "nccl", "mpi")}
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    placement = plan(nprocs)
     gpu_names = ", ".join(torch.cuda.get_device_name(i) for i in range(gpus)) if gpus else "none"
     return [
         ("python", f"{platform.python_version()} ({sys.executable})"),
@@ -44,8 +46,8 @@ def facts(nprocs: int) -> list[tuple[str, str]]:
                   "and the container's CPU quota)"),
         ("threads", f"{threads_per_rank(nprocs)} per rank for {nprocs} ranks "
                     "(max(1, usable cores // ranks))"),
-        ("backend", f"{resolve_backend('auto', nprocs)} (what backend='auto' picks for "
-                    f"{nprocs} ranks)"),
+        ("backend", f"{placement.backend}, tensors on {_where(placement)} (what labkit.launch "
+                    f"picks for {nprocs} ranks)"),
     ]
 
 

@@ -246,11 +246,11 @@ def test_a_dead_fork_server_is_replaced_and_shutdown_stops_it(no_leftovers):
     assert labkit.launch(rank_sum, 2, quiet=True) == [3.0, 3.0]  # starts again on demand
 
 
-def test_the_banner_says_ranks_backend_and_threads(capsys):
+def test_the_banner_says_ranks_backend_device_and_threads(capsys):
     labkit.launch(rank_sum, 2)
     out = capsys.readouterr().out
     threads = max(1, usable_cores() // 2)
-    assert f"2 rank(s), backend gloo, {threads} thread(s) per rank" in out
+    assert f"2 rank(s), backend gloo, tensors on cpu, {threads} thread(s) per rank" in out
 
 
 def test_torch_without_a_loopback_socket_store_falls_back_to_a_private_file_store(monkeypatch):

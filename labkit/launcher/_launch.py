@@ -18,6 +18,7 @@ import time
 import cloudpickle
 
 from labkit.launcher import _pickling
+from labkit.placement import plan
 from labkit.launcher._framing import frame
 from labkit.launcher._ranks import START_METHODS, start_rank, stop_and_reap
 from labkit.launcher._platform import (default_start_method, loopback_interface,
@@ -28,27 +29,7 @@ from labkit.launcher._results import DEFAULT_MAX_RESULT_BYTES
 from labkit.launcher._watch import Watch, collect_stacks
 from labkit.launcher.errors import LaunchError, LaunchTimeout, failure_message, timeout_hint
 
-BACKENDS = ("auto", "gloo", "nccl")
 DRAIN_AFTER_FAILURE_S = 2.0  # the ranks are killed by then; this is for their last lines
-
-
-def resolve_backend(backend: str, nprocs: int) -> str:
-    """"auto" means NCCL when every rank can have its own GPU, gloo otherwise."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not supported; use one of {', '.join(BACKENDS)}.")
-    import torch
-    import torch.distributed as dist
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if backend == "auto":
-        return "nccl" if dist.is_nccl_available() and 0 < nprocs <= gpus else "gloo"
-    if backend == "nccl":
-        if not dist.is_nccl_available():
-            raise ValueError("backend='nccl' needs a CUDA build of torch with NCCL; this torch has "
-                             "none. Use backend='gloo' (CPU) or 'auto'.")
-        if gpus < nprocs:
-            raise ValueError(f"backend='nccl' needs one GPU per rank: {nprocs} ranks but {gpus} "
-                             f"GPU(s) visible. Use fewer ranks, or backend='gloo' or 'auto'.")
-    return backend
 
 
 def _check_arguments(fn, nprocs, args, kwargs, timeout, start_method, grace) -> None:
@@ -201,7 +182,7 @@ def _results(watch: Watch, nprocs: int) -> list:
 
 
 def launch(fn, nprocs: int = 2, args=(), kwargs=None, backend: str = "auto", timeout: float = 120,
-           *, debug: bool = False, start_method: str | None = None, threads: int | None = None,
+           *, device: str = "auto", debug: bool = False, start_method: str | None = None, threads: int | None = None,
            collective_timeout: float | None = None, grace: float = 3.0, quiet: bool = False,
            max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES) -> list:
     """Run ``fn(*args, **kwargs)`` on ``nprocs`` ranks; return their results, index = rank.
@@ -210,6 +191,10 @@ def launch(fn, nprocs: int = 2, args=(), kwargs=None, backend: str = "auto", tim
     and the environment is torchrun's, so the same function also runs under ``torchrun``.
 
     backend: "auto" (NCCL if every rank has its own GPU, else gloo), "gloo" or "nccl".
+    device: where the ranks' tensors live: "auto" (a GPU when there is one, shared by several
+        ranks under gloo when there are fewer GPUs than ranks; else the CPU), "cpu" or "cuda".
+        Inside a rank ``labkit.device()`` answers; see ``labkit.placement``. ``LABKIT_DEVICE``
+        in the environment sets what "auto" means.
     timeout: seconds for the whole launch; then LaunchTimeout shows where each rank waits.
     debug: torch's detailed collective checks (TORCH_DISTRIBUTED_DEBUG=DETAIL): mismatched
         collectives fail at once with a clear message.
@@ -231,13 +216,15 @@ def launch(fn, nprocs: int = 2, args=(), kwargs=None, backend: str = "auto", tim
     max_result_bytes = _check_max_result_bytes(max_result_bytes)
     refuse_unsupported_platform()
     start_method, why = (start_method, "as asked") if start_method else default_start_method()
-    backend = resolve_backend(backend, nprocs)
+    placement = plan(nprocs, backend, device)
     threads = threads or threads_per_rank(nprocs)
     function = _pickle_function(fn, args, kwargs)
     if not quiet:
-        print(f"labkit.launch: {nprocs} rank(s), backend {backend}, {threads} thread(s) per rank "
-              f"({usable_cores()} usable cores), start method {start_method} ({why})", flush=True)
-    job = {"function": function, "backend": backend, "threads": threads,
+        print(f"labkit.launch: {nprocs} rank(s), backend {placement.backend}, tensors on "
+              f"{_where(placement)}, {threads} thread(s) per rank ({usable_cores()} usable "
+              f"cores), start method {start_method} ({why})", flush=True)
+    job = {"function": function, "backend": placement.backend, "devices": placement.devices,
+           "threads": threads,
            "collective_timeout": collective_timeout or timeout + 10,
            "linecache": _notebook_cells(), "sys_path": list(sys.path), "cwd": os.getcwd(),
            "max_result_bytes": max_result_bytes}
@@ -262,6 +249,16 @@ def launch(fn, nprocs: int = 2, args=(), kwargs=None, backend: str = "auto", tim
                 watch.close()
             for rank in ranks:
                 rank.close_pipes()
+
+
+def _where(placement) -> str:
+    """"cpu", "cuda:0-1 (a GPU per rank)", "cuda:0 (4 ranks share 1 GPU)" for the banner."""
+    devices = sorted(set(placement.devices))
+    if devices == ["cpu"]:
+        return "cpu"
+    indices = sorted(int(d.split(":")[1]) for d in devices)
+    named = f"cuda:{indices[0]}" + (f"-{indices[-1]}" if len(indices) > 1 else "")
+    return f"{named} ({placement.why})"
 
 
 def _send_job(rank, job: bytes, deadline: float) -> None:

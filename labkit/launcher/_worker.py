@@ -63,9 +63,8 @@ def set_up_process_group(job: dict) -> None:
     import torch.distributed as dist
 
     timeout = timedelta(seconds=job["collective_timeout"])
-    if job["backend"] == "nccl":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    place_rank(job, rank)
     store_path = os.environ.get("LABKIT_FILE_STORE")
     if job.get("store_address"):  # under torchrun, whose env:// has rank 0 host a store
         from labkit.launcher._rendezvous import join
@@ -78,6 +77,13 @@ def set_up_process_group(job: dict) -> None:
                                 rank=rank, world_size=world_size, timeout=timeout)
     else:  # a client of the launcher's loopback store, through torchrun's env:// contract
         dist.init_process_group(job["backend"], timeout=timeout)
+
+
+def place_rank(job: dict, rank: int) -> None:
+    """Put this rank on the device the launch planned for it (``labkit.placement``)."""
+    from labkit.placement import enter
+    planned = job.get("devices") or ()
+    enter(planned[rank] if rank < len(planned) else "cpu", job["backend"])
 
 
 def tear_down_process_group() -> None:
