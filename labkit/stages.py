@@ -143,7 +143,7 @@ class ZeRO1(DDP):
         with torch.no_grad():
             for i, piece in enumerate(pieces):
                 size = math.ceil(sum(p.numel() for p in piece) / self.world)
-                flat = torch.zeros(size * self.world, dtype=piece[0].dtype)
+                flat = torch.zeros(size * self.world, dtype=piece[0].dtype, device=piece[0].device)
                 offset = 0
                 for p in piece:
                     flat[offset:offset + p.numel()].copy_(p.flatten())

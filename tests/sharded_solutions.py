@@ -267,7 +267,7 @@ class ZeRO3Function(ZeRO3):
             self.fulls.append(flat.new_empty(self.s[i] * self.n))
             self.release(i)
             for p in unit.parameters():
-                p.data = torch.empty(0, dtype=p.dtype)
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
         self.shards = nn.ParameterList(shards)
         self.optim = optimizer_class(list(self.shards), **kwargs)
         self.handles = {}

@@ -10,12 +10,12 @@ reference sum is computed in the notebook too, in float64, then rounded to the c
 (``reference_sum``); the all-reduce graders also run torch's own ``dist.all_reduce`` in the
 ranks, for its ledger and as a second opinion on the sum.
 
-In each rank, ``run_cases`` calls the learner's function on a copy of each case under a
-``CommCounter`` whose ledger (op, bytes, peer) comes back with the output. In the notebook,
-``wrong_values`` looks at every rank's input and output at once and recognises the usual bugs:
-nothing changed, the mean instead of the sum, each rank holding only its own part (a missing
-all-gather), sums of only some ranks (overwriting instead of adding), the right sums in the wrong
-places.
+In each rank, ``run_cases`` moves its rows to the rank's device (``labkit.device()``: the CPU,
+or a GPU) and calls the learner's function on a copy of each case under a ``CommCounter`` whose
+ledger (op, bytes, peer) comes back with the output. In the notebook, ``wrong_values`` looks at
+every rank's input and output at once and recognises the usual bugs: nothing changed, the mean
+instead of the sum, each rank holding only its own part (a missing all-gather), sums of only some
+ranks (overwriting instead of adding), the right sums in the wrong places.
 
 Tolerance. The reference and the learner's code add the same N float32 values in different
 orders. Each order rounds N-1 times, each time by at most 2^-24 of a partial sum no larger than
@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from labkit.check._core import Failed, call_learner
 from labkit.comm import CommCounter
+from labkit.placement import device
 
 RTOL = ATOL = 1e-5
 
@@ -91,7 +92,9 @@ def run_cases(fn, entries: list, labels: list, all_reduce_too: bool = False) -> 
     the learner's sends and receives, where a rank that finished early would wait in it).
     """
     rank = dist.get_rank()
-    mine = [stack[rank].clone() for stack in entries]
+    # drawn on the CPU in the notebook; the learner's code and the collectives get them on this
+    # rank's device (the rows come back to the notebook as CPU tensors)
+    mine = [stack[rank].clone().to(device()) for stack in entries]
     entries.clear()      # the other ranks' rows, gone from the launch's arguments in this rank
     torch_sums = []
     if all_reduce_too:

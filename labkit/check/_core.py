@@ -277,7 +277,7 @@ class Ranks:
         else:            # the rank died (killed, os._exit, a crash in native code)
             hint = (f"{self.exercise} failed on rank {crash.rank} of {crash.nprocs}{at}: "
                     f"{crash.type}: {_shorten(crash.message)}")
-        advice = self.crash_advice(crash) if self.crash_advice else None
+        advice = device_advice(crash) or (self.crash_advice(crash) if self.crash_advice else None)
         if not advice:
             return hint
         hint = hint.rstrip(".")
@@ -288,6 +288,26 @@ class Ranks:
         hint = describe_hang(waits, nprocs, timeout)
         advice = self.hang_advice(waits, nprocs) if self.hang_advice else None
         return f"{hint}; {advice}" if advice else hint
+
+
+# Tensors on two devices meeting in one op: a buffer made on the default CPU beside the rank's
+# CUDA tensors. NCCL says it one way, an op on mixed tensors another.
+_DEVICE_MISMATCH = re.compile(
+    r"No backend type associated with device type|Tensors must be CUDA|"
+    r"Expected all tensors to be on the same device|found at least two devices|"
+    r"expected device \S+ but got device|to be on the same device|must be on the same device",
+    re.IGNORECASE)
+DEVICE_ADVICE = ("Your tensors live on this rank's device (labkit.device(): a GPU when there "
+                 "is one), so make every buffer on the device of the tensors you were given "
+                 "(torch.zeros(k, device=p.device, dtype=p.dtype), torch.zeros_like(t), "
+                 "t.new_zeros(k)), not on the default CPU")
+
+
+def device_advice(crash: "Crash") -> Optional[str]:
+    """The sentence that a crash from tensors on two devices gets, whatever the exercise (it
+    comes instead of the grader's own advice, which reads sizes and dtypes into such a crash);
+    None for any other crash."""
+    return DEVICE_ADVICE if _DEVICE_MISMATCH.search(crash.message or "") else None
 
 
 _warm = False

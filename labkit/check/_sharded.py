@@ -18,21 +18,24 @@ and dividing by N gives each rank its shard of the global gradient, and an eleme
 (SGD, Adam) stepping that shard computes exactly what one optimizer over every parameter
 computes for those elements.
 
-In each rank ``train_on_rank`` builds ``cls(list(model.parameters()), optimizer_class, **options)``
-(with ``bucket_bytes=`` for ZeRO-2) and runs ``STEPS`` steps of: forward and loss,
-``loss.backward()``, ``sharded.step()``, ``sharded.zero_grad(set_to_none=True)``. In every step but
-the last, a ``CommCounter`` watches each phase (the construction too), so that a grader can say
-where each collective ran. The last step is measured instead: a ``MemoryTracer`` around backward
-and one around step + zero_grad, and no ledger (the counter keeps each async collective's future,
-and with it the op's output tensors, until its ledger is read: that would count against the
-learner). Step 0 has made the optimizer state and whatever the class allocates lazily by then.
-The tracers are handed the model and every ``torch.optim.Optimizer`` that has stepped on the rank:
-torch's global step hook (``torch.optim.optimizer.register_optimizer_step_pre_hook``) sees them
-all, the one in ``self.optim`` and any other the class keeps, so the "optimizer" category is every
-byte of optimizer state the rank holds, wherever the class hides it. Counting total live bytes
-instead could not tell a hidden Adam (2 bytes of state per parameter byte) from two legitimate
-flat buffers (a parameter copy and a gradient buffer). Nothing is tagged for the learner: their
-buffers count as "other". The measured step reports
+In each rank ``train_on_rank`` builds the model on the CPU, moves it and the rank's shards of the
+batches to the rank's device (``labkit.device()``), builds ``cls(list(model.parameters()),
+optimizer_class, **options)`` (with ``bucket_bytes=`` for ZeRO-2) and runs ``STEPS`` steps of:
+forward and loss, ``loss.backward()``, ``sharded.step()``, ``sharded.zero_grad(set_to_none=True)``.
+In every step but the last, a ``CommCounter`` watches each phase (the construction too), so that a
+grader can say where each collective ran. The last step is measured instead: a ``MemoryTracer``
+around backward and one around step + zero_grad, and no ledger (the counter keeps each async
+collective's future, and with it the op's output tensors, until its ledger is read: that would
+count against the learner). Step 0 has made the optimizer state and whatever the class allocates
+lazily by then. The tracers are handed the model and every ``torch.optim.Optimizer`` that has
+stepped on the rank: torch's global step hook
+(``torch.optim.optimizer.register_optimizer_step_pre_hook``) sees them all, the one in
+``self.optim`` and any other the class keeps, so the "optimizer" category is every byte of
+optimizer state the rank holds, wherever the class hides it. Counting total live bytes instead
+could not tell a hidden Adam (2 bytes of state per parameter byte) from two legitimate flat buffers
+(a parameter copy and a gradient buffer). Nothing is tagged for the learner: their buffers count as
+"other". On a GPU the tracers count the GPU's storages only (``_traced_device``). The measured step
+reports
 * ``backward_peak``: the largest grads + other + comm bytes during backward (the tracer's
   timeline), counting only what backward touched or made: parameters' .grad, buckets, gradient
   shards, autograd's temporaries; parameters, optimizer state and activations are left out;
@@ -83,6 +86,7 @@ from labkit.check._core import Failed, call_learner
 from labkit.check._training import tolerance
 from labkit.comm import CommCounter
 from labkit.memory import MemoryTracer
+from labkit.placement import device
 
 STEPS = 3
 LOCAL_BATCH = 2
@@ -324,10 +328,27 @@ def _backward_peak(timeline) -> tuple:
     return best, event
 
 
-def _train(cls, index, run, progress, rank, world, name):
+def _on_device(run, rank, world):
+    """The run's model and this rank's shards of its batches, built and drawn on the CPU (the
+    notebook's reference is), moved to this rank's device."""
     model = make(run.widths, run.dtype)
     model.load_state_dict(run.init)
-    shards = [(x[rank::world].clone(), y[rank::world].clone()) for x, y in run.batches]
+    model.to(device())
+    shards = [(x[rank::world].clone().to(device()), y[rank::world].clone().to(device()))
+              for x, y in run.batches]
+    return model, shards
+
+
+def _traced_device():
+    """What the rank's ``MemoryTracer`` counts: every device on the CPU (as always), only the
+    GPU's storages on a GPU, where the CPU holds none of the learner's state but may hold
+    copies in transit (gloo stages point-to-point through host memory when ranks share a GPU)."""
+    where = device().type
+    return None if where == "cpu" else where
+
+
+def _train(cls, index, run, progress, rank, world, name):
+    model, shards = _on_device(run, rank, world)
     run.init.clear()      # other ranks' samples, gone from this rank's copy of the arguments
     run.batches.clear()
     out = {"built": [], "steps": [], "after_first": None, "final": None, "optimizers": [],
@@ -384,7 +405,7 @@ def _step(model, sharded, shards, step, run, progress, index, seen):
     progress.write_text(f"{index} step {step}: backward")
     with _ledger_unless(measured) as comm:
         if measured:
-            with MemoryTracer(model, list(seen)) as mem:
+            with MemoryTracer(model, list(seen), device=_traced_device()) as mem:
                 call_learner(loss.backward, case=case)
             record["memory"] = dict(zip(("backward_peak", "backward_event"),
                                         _backward_peak(mem.timeline)))
@@ -398,7 +419,8 @@ def _step(model, sharded, shards, step, run, progress, index, seen):
     progress.write_text(f"{index} step {step}: in step()")
     with _ledger_unless(measured) as comm:
         if measured:
-            with MemoryTracer(model, list(seen), timeline=False) as mem:
+            with MemoryTracer(model, list(seen), timeline=False,
+                              device=_traced_device()) as mem:
                 call_learner(sharded.step, case=case)
                 call_learner(lambda: sharded.zero_grad(set_to_none=True), case=case)
             record["memory"]["rest"] = mem.current
@@ -525,9 +547,7 @@ def _unflat(vector, widths) -> dict:
 
 
 def _train_module(cls, index, run, progress, rank, world, name, prefetch):
-    model = make(run.widths, run.dtype)
-    model.load_state_dict(run.init)
-    shards = [(x[rank::world].clone(), y[rank::world].clone()) for x, y in run.batches]
+    model, shards = _on_device(run, rank, world)
     run.init.clear()
     run.batches.clear()
     out = {"built": [], "steps": [], "after_first": None, "final": None, "optimizers": [],
@@ -603,7 +623,8 @@ def _module_step(model, wrapper, shards, step, run, progress, index, seen, watch
     shards[step] = None
     optimizers = list(seen) + ([wrapper.optim] if isinstance(getattr(wrapper, "optim", None),
                                                               torch.optim.Optimizer) else [])
-    tracer = MemoryTracer([wrapper, model], optimizers, timeline=False) if measured else None
+    tracer = (MemoryTracer([wrapper, model], optimizers, timeline=False,
+                           device=_traced_device()) if measured else None)
     if tracer is not None:
         tracer.__enter__()
         watch.mem, watch.samples = tracer, []
@@ -635,7 +656,8 @@ def _module_step(model, wrapper, shards, step, run, progress, index, seen, watch
     progress.write_text(f"{index} step {step}: in step()")
     with _ledger_unless(measured) as comm:
         if measured:
-            with MemoryTracer([wrapper, model], optimizers, timeline=False) as mem:
+            with MemoryTracer([wrapper, model], optimizers, timeline=False,
+                              device=_traced_device()) as mem:
                 call_learner(wrapper.step, case=case)
                 call_learner(lambda: wrapper.zero_grad(set_to_none=True), case=case)
             record["memory"]["rest"] = mem.current

@@ -11,13 +11,15 @@ the same plain SGD, which is the definition of what data parallelism must reprod
 N local mean losses over N equal shards is the mean loss of the global batch, so the mean of the
 N local gradients is the global gradient.
 
-In each rank ``train_on_rank`` builds the wrapper around the model and runs the usual loop:
-``zero_grad``, ``out = wrapper(x)``, ``loss.backward()``, ``wrapper.<sync>()``, ``optimizer.step``,
-with a ``CommCounter`` around each phase (building the wrapper, forward, backward, sync), so that
-a grader can say where each collective ran. It returns the state right after the wrapper was
-built, the state at the end, and the ledgers. Before each phase it writes where it is to a file
-of its own (``progress``), so that a crash or a hang can be placed in a model and a step even
-when the rank's results never come back.
+In each rank ``train_on_rank`` builds the model on the CPU, moves it and its shards of the
+batches to the rank's device (``labkit.device()``), builds the wrapper around it and runs the
+usual loop: ``zero_grad``, ``out = wrapper(x)``, ``loss.backward()``, ``wrapper.<sync>()``,
+``optimizer.step``, with a ``CommCounter`` around each phase (building the wrapper, forward,
+backward, sync), so that a grader can say where each collective ran. It returns the state right
+after the wrapper was built, the state at the end, and the ledgers (tensors come back to the
+notebook on the CPU). Before each phase it writes where it is to a file of its own
+(``progress``), so that a crash or a hang can be placed in a model and a step even when the
+rank's results never come back.
 
 Tolerance. The N-rank run and the reference add the same per-sample gradient terms in different
 orders and groupings (N local means, an all-reduce, a division by N; against one mean over N·b
@@ -43,6 +45,7 @@ import torch.distributed as dist
 from labkit import models
 from labkit.check._core import call_learner
 from labkit.comm import CommCounter
+from labkit.placement import device
 
 LR = 0.1
 STEPS = 3
@@ -180,9 +183,12 @@ def train_on_rank(wrapper, runs: list, sync: str, folder: str, name: str = "the 
 
 
 def _train(wrapper, run, sync, progress, rank, world, name):
+    # built and drawn on the CPU (the notebook's reference is), trained on this rank's device
     model = models.make(run.kind, run.dtype)
     model.load_state_dict(run.init[rank])
-    shards = [(shard(x, rank, world), shard(y, rank, world)) for x, y in run.batches]
+    model.to(device())
+    shards = [(shard(x, rank, world).to(device()), shard(y, rank, world).to(device()))
+              for x, y in run.batches]
     run.init.clear()      # the other ranks' weights and samples, gone from this rank's copy
     run.batches.clear()   # of the launch's arguments before the learner's code runs
     out = {"after_build": None, "final": None, "built": [], "steps": [], "problem": None}

@@ -20,8 +20,9 @@ _NOT_COLLECTIVES = {"send", "recv", "barrier"}
 register("sum_of_ranks", [
     "Each rank puts its own rank, dist.get_rank(), into a tensor. One collective then adds the "
     "tensors of all ranks together and leaves the sum on every rank: which one?",
-    "t = torch.tensor([float(dist.get_rank())]); dist.all_reduce(t) (op=SUM is the default); "
-    "return t.item(). all_reduce works in place: afterwards t holds the sum, on every rank.",
+    "t = torch.tensor([float(dist.get_rank())], device=labkit.device()); dist.all_reduce(t) "
+    "(op=SUM is the default); return t.item(). all_reduce works in place: afterwards t holds "
+    "the sum, on every rank.",
 ])
 
 

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from labkit.check._core import Failed, Ranks, call_learner, exercise
 from labkit.check._hints import register
 from labkit.comm import CommCounter
+from labkit.placement import device
 
 WORLD_SIZES = (2, 3)
 SIZES = (5, 1000, 1)
@@ -56,7 +57,7 @@ def fresh_inputs(n, sizes):
 def _run(fn, inputs, folder):
     """In one rank: the learner's function on this rank's tensors, under a ledger."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    tensors = [stack[rank].clone() for stack in inputs]
+    tensors = [stack[rank].clone().to(device()) for stack in inputs]   # drawn on the CPU
     folder = Path(folder)
     if rank == 0:
         deadline = time.monotonic() + RANK0_WAITS_S

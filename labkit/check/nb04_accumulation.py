@@ -51,6 +51,7 @@ from labkit.check._core import Failed, Ranks, call_here, call_learner, exercise
 from labkit.check._hints import register
 from labkit.check.predictions import _compare
 from labkit.comm import CommCounter
+from labkit.placement import device, to_device
 
 SYNC = "finish_gradient_sync"
 K = 3
@@ -306,10 +307,12 @@ def _train_sync(cls, runs, k, folder):
 
 
 def _train_one(cls, run, k, progress, rank, world):
+    # built and drawn on the CPU (the notebook's reference is), trained on this rank's device
     model = models.make(run.kind, run.dtype)
     model.load_state_dict(run.init[rank])
-    shards = [(_training.shard(x, rank, world), _training.shard(y, rank, world))
-              for x, y in run.batches]
+    model.to(device())
+    shards = [(_training.shard(x, rank, world).to(device()),
+               _training.shard(y, rank, world).to(device())) for x, y in run.batches]
     run.init.clear()
     run.batches.clear()
     out = {"after_build": None, "final": None, "built": [], "steps": [], "problem": None}
@@ -600,9 +603,11 @@ _TOKEN_MISTAKES = [
 
 def _token_rank(fn, run, k, folder):
     rank = dist.get_rank()
+    # built and drawn on the CPU (the notebook's reference is), trained on this rank's device
     model = models.make("tied", run.dtype)
     model.load_state_dict(run.init[rank])
-    mine = [per_rank[rank] for per_rank in run.steps]
+    model.to(device())
+    mine = to_device([per_rank[rank] for per_rank in run.steps])
     run.init.clear()
     run.steps.clear()
     ddp = ReferenceDDP(model)
@@ -668,7 +673,8 @@ register("token_accumulation", [
     "gives T, the step's total. Each micro-batch's loss is its summed token loss "
     "(F.cross_entropy(..., reduction='sum')) divided by T, times the world size, because "
     "finish_gradient_sync divides by N.",
-    "total = torch.tensor(float(sum(len(t) for t, _ in micro_batches))); dist.all_reduce(total); "
+    "total = torch.tensor(float(sum(len(t) for t, _ in micro_batches)), "
+    "device=labkit.device()); dist.all_reduce(total); "
     "then for each micro-batch but the last, inside `with ddp.no_sync():`, and for the last "
     "outside it: loss = F.cross_entropy(ddp(t), y, reduction='sum') * N / total; loss.backward().",
 ])

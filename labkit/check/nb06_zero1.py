@@ -160,10 +160,10 @@ register("zero1", [
     "all-gather of self.shard into a flat buffer of s * N, and each parameter's slice copied "
     "back into it.",
     "step(): g = torch.cat([p.grad.reshape(-1) for p in self.params]); g = torch.cat([g, "
-    "g.new_zeros(self.s * N - g.numel())]); mine = torch.empty(self.s, dtype=g.dtype); "
+    "g.new_zeros(self.s * N - g.numel())]); mine = g.new_empty(self.s); "
     "dist.reduce_scatter_single(mine, g) (or labkit.compat.reduce_scatter_tensor, or your "
     "ring_reduce_scatter(g) and mine = g[r*s:(r+1)*s]); self.shard.grad = mine / N; "
-    "self.optim.step(); full = torch.empty(self.s * N, dtype=g.dtype); "
+    "self.optim.step(); full = g.new_empty(self.s * N); "
     "dist.all_gather_single(full, self.shard.detach()); then with torch.no_grad(), for each p: "
     "p.copy_(full[offset:offset + p.numel()].view_as(p)). zero_grad: p.grad = None for each p.",
 ])

@@ -153,10 +153,11 @@ register("zero3", [
     "and the gathered buffer. step(): shard.grad / N, self.optim.step().",
     "Free with storage, not with references: autograd keeps views of the weights it saved for "
     "backward, so p.data = torch.empty(0) leaves the gathered memory alive. Keep one flat buffer "
-    "per unit, full = torch.empty(s * N), make each parameter a view (p.data = full[o:o + k]."
-    "view_as(p)), and free with full.untyped_storage().resize_(0); to gather, resize it back "
-    "(resize_(full.numel() * full.element_size())) and all_gather_into_tensor(full, shard). The "
-    "saved views then see the gathered values again in backward.",
+    "per unit, full = shard.new_empty(s * N), make each parameter a view "
+    "(p.data = full[o:o + k].view_as(p)), and free with full.untyped_storage().resize_(0); to "
+    "gather, resize it back (resize_(full.numel() * full.element_size())) and "
+    "all_gather_into_tensor(full, shard). The saved views then see the gathered values again in "
+    "backward.",
 ])
 register("zero3_prefetch", [
     "While unit i computes, the network is idle. Which all-gather could already be on its way, "
