@@ -14,6 +14,8 @@ sample: their spread is the value itself.
 Progress bars (tqdm) go to stderr, on when stderr is a terminal; ``BENCH_PROGRESS=1`` forces them
 on (and ``0`` off) for runs whose stderr is a pipe. Inside ranks launched by labkit, rank 0 shows
 the bar: labkit shows a rank's redrawn line live in the launcher's terminal.
+
+Every benchmark runs its ranks on the CPU (gloo), also on a GPU machine: ``LABKIT_DEVICE=cpu``.
 """
 import argparse
 import datetime
@@ -25,6 +27,11 @@ import statistics
 import sys
 
 SPREAD = "min-max over the repeats"
+
+# The benchmarks measure the course's own setting, gloo ranks on CPU cores, on any machine: on a
+# GPU machine labkit.launch would otherwise put the ranks on the GPU (labkit.placement), where
+# these CPU timers, targets and thread counts mean something else.
+os.environ["LABKIT_DEVICE"] = "cpu"
 
 
 def add_arguments(parser: argparse.ArgumentParser, quick_help: str) -> None:

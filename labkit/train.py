@@ -41,6 +41,7 @@ from labkit import stages, theory
 from labkit.comm import CommCounter
 from labkit.memory import MemoryTracer
 from labkit.models import Blocks
+from labkit.placement import enter, plan
 
 STRATEGIES = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}
 OPTIMIZERS = {"adam": (torch.optim.Adam, {"lr": 1e-3}),
@@ -61,6 +62,9 @@ def parse(argv=None):
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: a GPU per rank under NCCL, a shared GPU under gloo when there "
+                             "are fewer GPUs than ranks on a node, else the CPU")
     parser.add_argument("--check", action="store_true",
                         help="also train in one process on rank 0 and print the largest difference")
     parser.add_argument("--save", metavar="PATH", help="rank 0 writes the final parameters here")
@@ -148,21 +152,31 @@ class Trainer:
         return {name: t.detach().cpu().clone() for name, t in state.items()}
 
 
-def init_distributed(timeout_s: float = 300):
-    """init_process_group from torchrun's environment; returns the device this rank uses."""
+def init_distributed(timeout_s: float = 300, device: str = "auto"):
+    """init_process_group from torchrun's environment; returns the device this rank uses.
+
+    The rule of ``labkit.placement`` on this node: NCCL with a GPU per local rank, gloo with
+    ranks sharing the node's GPUs when there are fewer GPUs than local ranks, gloo on the CPU
+    without a GPU (or with ``--device cpu``).
+    """
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise SystemExit(f"{', '.join(missing)} not set: run this under torchrun, e.g. "
                          "`torchrun --standalone --nproc-per-node 2 -m labkit.train`")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if torch.cuda.is_available() and torch.cuda.device_count() >= local_world:
-        torch.cuda.set_device(local_rank)          # before init: NCCL uses one GPU per rank
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank),
-                                timeout=datetime.timedelta(seconds=timeout_s))
-        return torch.device("cuda", local_rank)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
-    return torch.device("cpu")
+    try:
+        placement = plan(local_world, device=device)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    where = placement.devices[local_rank]
+    enter(where, placement.backend)            # before init: NCCL uses the current GPU
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if placement.backend == "nccl":
+        dist.init_process_group("nccl", device_id=torch.device(where), timeout=timeout)
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
+    return torch.device(where)
 
 
 def train(args, device) -> dict:
@@ -237,7 +251,7 @@ def report(args, rows: list, world: int) -> list[str]:
 def main(argv=None) -> int:
     args = parse(argv)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    device = init_distributed(args.timeout)
+    device = init_distributed(args.timeout, args.device)
     try:
         mine = train(args, device)
         rows = [None] * dist.get_world_size() if dist.get_rank() == 0 else None

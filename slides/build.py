@@ -24,6 +24,10 @@ import sys
 import time
 from pathlib import Path
 
+# The decks show the course's CPU measurements (gloo ranks on CPU cores), also when built on a
+# GPU machine, where labkit.launch would otherwise place the ranks on the GPU (labkit.placement).
+os.environ["LABKIT_DEVICE"] = "cpu"
+
 HERE = Path(__file__).resolve().parent
 DECKS = HERE / "decks"
 MARP = HERE / "node_modules" / ".bin" / "marp"
