@@ -13,6 +13,13 @@ import labkit
 from labkit.placement import Placement, plan, to_device
 
 
+@pytest.fixture(autouse=True)
+def auto_means_this_machine(monkeypatch):
+    """Every test starts without LABKIT_DEVICE: importing bench/_report.py or slides/build.py
+    in this pytest process (other tests do) sets it to "cpu" for the rest of the run."""
+    monkeypatch.delenv("LABKIT_DEVICE", raising=False)
+
+
 @pytest.mark.parametrize("nprocs, gpus, nccl, expected", [
     (2, 0, False, Placement("gloo", ("cpu", "cpu"), "no GPU")),
     (4, 0, False, Placement("gloo", ("cpu",) * 4, "no GPU")),
