@@ -139,7 +139,9 @@ class CommCounter(DispatchMode):
     """Counts the collectives run inside ``with CommCounter() as comm:`` on this rank.
 
     Read it with ``comm.summary()``, ``comm.calls``, ``comm.total_payload_bytes()``,
-    ``comm.total_wire_bytes()`` and ``print(comm.table())``. Entering the same counter again
+    ``comm.total_wire_bytes()``, ``print(comm.table())``, ``comm.sequence_numbers`` (each call's
+    number on its process group), and ``comm.spans()`` for when each
+    call started and ended (a timeline: ``labkit.trace``). Entering the same counter again
     later adds to it. Counters may be nested (each counts what runs inside it); entering one
     counter inside itself raises, because it would count every op twice.
     """
@@ -148,6 +150,9 @@ class CommCounter(DispatchMode):
         super().__init__()
         self._calls = []        # CommCall per collective, in the order they were issued
         self._clocks = {}       # index in _calls -> _Clock of a call whose time is not read yet
+        self._issued = []       # time.perf_counter() at each call, index as in _calls
+        self._numbers = []      # the sequence number of each call, index as in _calls
+        self._last_number = {}  # (group,) or (send/recv, group, peer) -> its last number
         self._unwaited = {}     # id(result of a functional collective) -> (weakref, index)
         self._lock = threading.Lock()   # autograd threads may issue collectives too
         self._active = False
@@ -176,6 +181,35 @@ class CommCounter(DispatchMode):
                     self._calls[index] = self._calls[index]._replace(seconds=seconds)
                     del self._clocks[index]
             return list(self._calls)
+
+    def spans(self):
+        """When each collective ran on this rank: ``[(call, start, end), ...]`` in issue order,
+        ``start`` the ``time.perf_counter()`` at the call and ``end`` = start + ``call.seconds``
+        (None while unknown). The clock of ``time.perf_counter()``, so spans you time yourself
+        line up with these (``labkit.trace.StepTrace`` draws both). On CUDA ``seconds`` is GPU
+        time, placed at the call: an approximation of when the op ran."""
+        calls = self.calls
+        return [(call, start, None if call.seconds is None else start + call.seconds)
+                for call, start in zip(calls, self._issued)]
+
+    @property
+    def sequence_numbers(self):
+        """The sequence number of each call in ``calls`` (same index): collectives are numbered
+        per process group (#1, #2, ... on the world, another count on each subgroup), sends and
+        recvs per group and peer ("send #3 to rank 1"), counting the calls this counter saw. The
+        launcher's hang doctor numbers a rank's calls the same way from the start of the launch
+        (docs/launcher.md, "When ranks hang"); it does not see DDP's, which this counter does."""
+        with self._lock:
+            return list(self._numbers)
+
+    def _next_number(self, op, named):
+        pg, world = _process_group(named), torch.distributed.GroupMember.WORLD
+        group = getattr(pg, "group_name", None)
+        if pg is None or group == getattr(world, "group_name", None):
+            group = "world"
+        key = (op, group, _peer(op, named)) if op in ("send", "recv") else (group,)
+        self._last_number[key] = self._last_number.get(key, 0) + 1
+        return self._last_number[key]
 
     def summary(self):
         """``{op: {"calls", "payload_bytes", "wire_bytes", "seconds"}}`` in order of first use.
@@ -251,6 +285,8 @@ class CommCounter(DispatchMode):
             index = len(self._calls)
             self._calls.append(CommCall(op, payload, wire, None, world_size,
                                         _peer(op, named), _async_op(func, op, named)))
+            self._issued.append(clock.t0)
+            self._numbers.append(self._next_number(op, named))
             self._clocks[index] = clock
         if func.namespace == "_c10d_functional":   # done when someone waits on the result
             if isinstance(result, torch.Tensor):

@@ -17,7 +17,7 @@ import time
 
 import cloudpickle
 
-from labkit.launcher import _pickling
+from labkit.launcher import _collective_record, _hang_doctor, _pickling
 from labkit.placement import plan
 from labkit.launcher._framing import frame
 from labkit.launcher._ranks import START_METHODS, start_rank, stop_and_reap
@@ -124,28 +124,33 @@ def _rank_list(ranks) -> str:
     return ", ".join(map(str, ranks))
 
 
-def _raise_timeout(watch: Watch, nprocs: int, timeout: float) -> None:
+def _raise_timeout(watch: Watch, nprocs: int, timeout: float, record_folder: str | None) -> None:
     unfinished = watch.running()  # ranks sending their result have their own time
+    collectives = _collective_record.read_all(record_folder, nprocs)  # read while they are stuck
     stacks = collect_stacks(watch, unfinished)
     finished = [r for r in sorted(watch.ranks) if r not in unfinished]
     lines = [f"TIMEOUT: rank(s) {_rank_list(unfinished)} of {nprocs} were still running after "
              f"{timeout:g} s" + (f"; rank(s) {_rank_list(finished)} had returned from the function and "
                                   "were waiting for the others to finish" if finished else "")
-             + ". All ranks have been stopped.", "",
-             "Where each unfinished rank was waiting (most recent call first):"]
+             + ". All ranks have been stopped.", ""]
+    diagnosis = _hang_doctor.diagnose(collectives, nprocs, unfinished)
+    if diagnosis:
+        lines += [diagnosis, ""]
+    lines += ["Where each unfinished rank was waiting (most recent call first):"]
     for rank in unfinished:
         lines += [f"[rank {rank}]", stacks.get(rank) or "  (no stack: the rank did not answer)"]
     lines += ["", timeout_hint(stacks)]   # send/recv advice, or the collective advice
     raise LaunchTimeout("\n".join(lines), rank=unfinished[0] if unfinished else None,
-                        failures=watch.failures(), stacks=stacks)
+                        failures=watch.failures(), stacks=stacks, collectives=collectives)
 
 
-def _watch_until_done(watch: Watch, nprocs: int, deadline: float, timeout: float, grace: float):
+def _watch_until_done(watch: Watch, nprocs: int, deadline: float, timeout: float, grace: float,
+                      record_folder: str | None = None):
     first_failure = None
     while len(watch.outcomes) < nprocs:
         now = time.monotonic()
         if now >= deadline and watch.running():
-            _raise_timeout(watch, nprocs, timeout)
+            _raise_timeout(watch, nprocs, timeout, record_folder)
         _raise_if_a_result_is_late(watch, now)
         if first_failure is not None and now >= first_failure + grace:
             break
@@ -234,14 +239,17 @@ def launch(fn, nprocs: int = 2, args=(), kwargs=None, backend: str = "auto", tim
         return launch_with_torchrun(job, nprocs, timeout, common_env)
     ranks, watch = [], None
     deadline = time.monotonic() + timeout
+    record_folder = None
     with LoopbackStore(nprocs, timeout_s=timeout + 10) as store:
         try:
+            # each rank notes the collectives it enters there, for a timeout's diagnosis
+            record_folder = job[_collective_record.JOB_KEY] = _collective_record.create_folder()
             for rank in range(nprocs):
                 env = dict(common_env, **_torchrun_variables(rank, nprocs, store.env))
                 ranks.append(start_rank(rank, start_method, env, deadline))
                 _send_job(ranks[-1], cloudpickle.dumps(dict(job, env=env)), deadline)
             watch = Watch(ranks, max_result_bytes)
-            _watch_until_done(watch, nprocs, deadline, timeout, grace)
+            _watch_until_done(watch, nprocs, deadline, timeout, grace, record_folder)
             return _results(watch, nprocs)
         finally:
             stop_and_reap(ranks)
@@ -249,6 +257,7 @@ def launch(fn, nprocs: int = 2, args=(), kwargs=None, backend: str = "auto", tim
                 watch.close()
             for rank in ranks:
                 rank.close_pipes()
+            _collective_record.remove_folder(record_folder)
 
 
 def _where(placement) -> str:

@@ -27,6 +27,7 @@ import time
 import cloudpickle
 import psutil
 
+from labkit.launcher import _collective_record, _hang_doctor
 from labkit.launcher._rendezvous import LOOPBACK, LoopbackStore
 from labkit.launcher.errors import LaunchError, LaunchTimeout, failure_message
 
@@ -97,15 +98,33 @@ def launch_with_torchrun(job: dict, nprocs: int, timeout: float, env: dict) -> l
     _check_platform()
     folder = tempfile.mkdtemp(prefix="labkit-torchrun-")
     os.chmod(folder, 0o700)
+    records = os.path.join(folder, "collectives")   # each rank's collective record
     try:
+        os.mkdir(records, 0o700)
         with LoopbackStore(nprocs, timeout_s=timeout + 10) as store, Lifeline(folder) as lifeline:
             with open(os.path.join(folder, "job.pkl"), "wb") as f:
-                f.write(cloudpickle.dumps(dict(job, store_address=store.address)))
-            exit_code = _run_torchrun(torchrun_command(folder, nprocs),
-                                      agent_environment(env, store), lifeline, timeout)
+                f.write(cloudpickle.dumps(dict(job, store_address=store.address,
+                                               **{_collective_record.JOB_KEY: records})))
+            try:
+                exit_code = _run_torchrun(torchrun_command(folder, nprocs),
+                                          agent_environment(env, store), lifeline, timeout)
+            except LaunchTimeout as timed_out:
+                raise _diagnosed(timed_out, folder, records, nprocs) from None
         return _results(folder, nprocs, exit_code)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _diagnosed(timed_out: LaunchTimeout, folder: str, records: str, nprocs: int) -> LaunchTimeout:
+    """The timeout, with the hang doctor's sentence after its first line (ranks that wrote no
+    result file count as unfinished)."""
+    collectives = _collective_record.read_all(records, nprocs)
+    unfinished = [r for r in range(nprocs)
+                  if not os.path.exists(os.path.join(folder, f"result-{r}.pkl"))]
+    diagnosis = _hang_doctor.diagnose(collectives, nprocs, unfinished)
+    message = str(timed_out) + (f"\n\n{diagnosis}" if diagnosis else "")
+    return LaunchTimeout(message, rank=unfinished[0] if unfinished else None,
+                         collectives=collectives)
 
 
 def _stream(pipe, muted: threading.Event) -> None:

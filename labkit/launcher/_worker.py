@@ -17,7 +17,7 @@ from datetime import timedelta
 
 import cloudpickle
 
-from labkit.launcher import _pickling
+from labkit.launcher import _collective_hooks, _pickling
 from labkit.launcher._framing import read_message, write_message
 from labkit.launcher._results import (DEFAULT_MAX_RESULT_BYTES, largest_part, too_large_message,
                                       too_large_outcome)
@@ -152,6 +152,7 @@ def _prepare_process(job: dict) -> None:
     torch.set_num_threads(job["threads"])
     import torch.distributed as dist
     dist.set_debug_level_from_env()
+    _collective_hooks.install_from_job(job)   # before the function is unpickled: see the module
     if hasattr(signal, "SIGUSR1"):
         faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
 
@@ -162,11 +163,15 @@ def main(stdin_fd: int = 0, result_fd: int = RESULT_FD) -> None:
     if raw is None:
         os._exit(2)
     job = cloudpickle.loads(raw)
+    if job.get("session"):  # persistent ranks (%%ranks): stdin goes on carrying commands
+        from labkit.launcher._rank_loop import serve
+        serve(job, stdin_fd, result_fd)  # never returns
     _exit_when_parent_goes(stdin_fd)
     _prepare_process(job)
     # the messages of labkit.launcher._results: "returned", the outcome, then the value alone
     outcome = run_job(job, on_return=lambda: write_message(
         result_fd, cloudpickle.dumps({"status": "returned", "rank": int(os.environ["RANK"])})))
+    _collective_hooks.stop()   # labkit's own tear-down below is not the learner's
     value = outcome.pop("value", None)
     write_message(result_fd, cloudpickle.dumps(outcome))
     if value is not None:
@@ -194,6 +199,7 @@ def main_under_torchrun(folder: str) -> None:
         job = cloudpickle.loads(f.read())
     _prepare_process(job)
     outcome = run_job(job)
+    _collective_hooks.stop()   # labkit's own tear-down below is not the learner's
     path = os.path.join(folder, f"result-{os.environ['RANK']}.pkl")
     with open(path + ".part", "wb") as f:
         f.write(cloudpickle.dumps(outcome))

@@ -29,12 +29,15 @@ class LaunchError(RuntimeError):
 
 
 class LaunchTimeout(LaunchError):
-    """Ranks were still running at the launch's timeout. ``stacks`` maps rank -> where it waited."""
+    """Ranks were still running at the launch's timeout. ``stacks`` maps rank -> where it waited;
+    ``collectives`` maps rank -> the last collectives it entered, oldest first (dicts described in
+    ``labkit.launcher._collective_record``), from which the message's diagnosis was made."""
 
     def __init__(self, message: str, rank: int | None = None, failures: dict | None = None,
-                 stacks: dict | None = None):
+                 stacks: dict | None = None, collectives: dict | None = None):
         super().__init__(message, rank, failures)
         self.stacks = stacks or {}
+        self.collectives = collectives or {}
 
 
 # Mistakes learners make often, recognised by their message, with what to do instead.
@@ -128,7 +131,8 @@ def failure_message(failures: dict, world_size: int) -> tuple[str, int]:
     first = failures[cause]
     lines = [f"ROOT CAUSE: rank {cause} of {world_size}: {_one_line(first)}", ""]
     if first.get("traceback"):
-        lines += [f"Traceback on rank {cause}:", first["traceback"].rstrip(), ""]
+        lines += [f"Traceback on rank {cause}:", without_recorder_frames(first["traceback"]).rstrip(),
+                  ""]
     hint = hint_for(first)
     if hint:
         lines += [hint, ""]
@@ -138,6 +142,21 @@ def failure_message(failures: dict, world_size: int) -> tuple[str, int]:
         for r in others:
             lines.append(f"  rank {r}: {_one_line(failures[r])}")
     return "\n".join(lines).rstrip(), cause
+
+
+_RECORDER_FILES = ("labkit/launcher/_collective_hooks.py", "labkit\\launcher\\_collective_hooks.py")
+def without_recorder_frames(traceback_text: str) -> str:
+    """A traceback without the collective record's wrapper (``_collective_hooks``): it sits
+    between every ``dist.*`` call of the learner and torch's, and is not the learner's business."""
+    kept, skipping = [], False
+    for line in traceback_text.splitlines(keepends=True):
+        if line.startswith("  File "):
+            skipping = _RECORDER_FILES[0] in line.replace("\\", "/")
+        elif not line.startswith("    "):
+            skipping = False
+        if not skipping:
+            kept.append(line)
+    return "".join(kept)
 
 
 _FAULTHANDLER_FRAME = re.compile(r'^\s*File "(?P<file>.+)", line (?P<line>\d+) in (?P<name>.+)$')
@@ -165,6 +184,8 @@ def readable_stack(dump: str) -> str:
             match = _FAULTHANDLER_FRAME.match(line)
             if match and match["file"].endswith(("labkit/launcher/_worker.py", "labkit\\launcher\\_worker.py")):
                 break  # below the learner's function: labkit's own frames
+            if match and match["file"].endswith(_RECORDER_FILES):
+                continue  # the collective record's wrapper, between the learner's call and torch's
             shown.append(line)
             if match:
                 source = linecache.getline(match["file"], int(match["line"])).strip()
