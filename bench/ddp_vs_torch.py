@@ -23,19 +23,20 @@ Correctness: both models must end with equal parameters (allclose, rtol 1e-5, at
 ranks the two reductions do the same float operations, so they usually end bitwise equal).
 
 Overlap efficiency: the share of the time an all-reduce is in flight that falls within the
-backward pass, for ours and for torch's, measured as notebook 03's timeline cell does: after the
-timed blocks, --overlap-steps steps of each (alternating) under a labkit.CommCounter, which gives
-each all-reduce's time from its call to its completion; a collective is in flight from the
-moment it is issued (noted as the ledger sees the call: torch's reducer issues its all-reduces
-from a hook that runs after every post-accumulate-grad hook, so hook stamps would see them one
-gradient late) until it completes. Backward runs from the call of `loss.backward()` to the last
-gradient accumulated (a post-accumulate-grad hook on every parameter, registered before either
-DDP's own): torch's `backward()` itself returns only after its reducer has waited for every
-bucket, so its end is not the end of the computation. Efficiency = (time with at least one
-all-reduce in flight, within backward) / (time with at least one in flight); 1 = all hidden. A
-step's value is the mean over the ranks; printed: the median over steps, its range, and the
-ratio ours / torch's. With two 25 MiB buckets, only the first bucket can overlap, and only with
-the backward of the first layer, so both are far from 1; smaller buckets overlap more.
+compute of the step, for ours and for torch's, computed as notebook 03 computes it, with
+`labkit.trace.overlap`: after the timed blocks, --overlap-steps steps of each (alternating) under
+a `labkit.trace.StepTrace`, whose ledger gives each all-reduce from the moment it is issued (as
+the ledger sees the call: torch's reducer issues its all-reduces from a hook that runs after
+every post-accumulate-grad hook, so hook stamps would see them one gradient late) until it
+completes. The compute spans are the forward and the backward, which runs from the call of
+`loss.backward()` to the last gradient accumulated (a post-accumulate-grad hook on every
+parameter, registered before either DDP's own): torch's `backward()` itself returns only after
+its reducer has waited for every bucket, so its end is not the end of the computation.
+Efficiency = (time with at least one all-reduce in flight, under compute) / (time with at least
+one in flight); 1 = all hidden. A step's value is the mean over the ranks; printed: the median
+over steps, its range, and the ratio ours / torch's. With two 25 MiB buckets, only the first
+bucket can overlap, and only with the backward of the first layer, so both are far from 1;
+smaller buckets overlap more.
 
 Run: .venv/bin/python bench/ddp_vs_torch.py [--steps N] [--repeats R] [--bucket-mb M]
 [--overlap-steps K] [--quick] [--json PATH]; --quick: 2 warm-up steps, 3 blocks of 1 step and 2
@@ -52,7 +53,7 @@ import torch
 import torch.distributed as dist
 
 import _report   # bench/_report.py: --quick, --json, progress bars, the results table
-from labkit.comm import CommCounter
+from labkit.trace import StepTrace, overlap
 
 TARGET = 1.05
 WIDTHS = (1024, 1536, 1536, 1536, 1536, 1024)  # 10,230,784 parameters
@@ -65,33 +66,6 @@ def mlp() -> torch.nn.Sequential:
     for n_in, n_out in zip(WIDTHS, WIDTHS[1:]):
         layers += [torch.nn.Linear(n_in, n_out), torch.nn.ReLU()]
     return torch.nn.Sequential(*layers[:-1])
-
-
-class IssueStamps(CommCounter):
-    """A CommCounter that also notes when each collective was issued (time.perf_counter, the
-    clock its `seconds` are measured on): ``issued[i]`` for ``calls[i]``."""
-
-    def __init__(self):
-        super().__init__()
-        self.issued = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        index, now = len(self._calls), time.perf_counter()
-        out = super().__torch_dispatch__(func, types, args, kwargs)
-        if len(self._calls) > index:   # it was a collective: the ledger has one more call
-            self.issued[index] = now
-        return out
-
-
-def in_flight(intervals, since=float("-inf"), until=float("inf")) -> float:
-    """Seconds within [since, until] during which at least one (start, end) interval runs."""
-    total, reach = 0.0, since
-    for start, end in sorted(intervals):
-        start, end = max(start, reach), min(end, until)
-        if end > start:
-            total += end - start
-            reach = end
-    return total
 
 
 class BucketedDDP(torch.nn.Module):
@@ -219,12 +193,13 @@ def rank_main(steps: int, repeats: int, warmup: int, bucket_mb: float, batch: in
         nonlocal stamping
         model, optimizer, finish = runs[name]
         x, y = batches[done[name] % len(batches)]
-        comm = IssueStamps()
+        trace = StepTrace()
         dist.barrier()
         grads_at.clear()
         stamping = True
-        with comm:
-            loss = torch.nn.functional.mse_loss(model(x), y)
+        with trace:
+            with trace.span("forward"):
+                loss = torch.nn.functional.mse_loss(model(x), y)
             backward_start = time.perf_counter()
             loss.backward()
             if finish is not None:
@@ -234,21 +209,21 @@ def rank_main(steps: int, repeats: int, warmup: int, bucket_mb: float, batch: in
         optimizer.zero_grad()
         done[name] += 1
         last_grad = max(grads_at)
-        calls = [(i, c) for i, c in enumerate(comm.calls) if c.op == "all_reduce"]
-        if any(c.seconds is None for _, c in calls):
+        trace.add_span("backward", backward_start, last_grad)
+        [hidden] = overlap(trace.events(), ops=["all_reduce"])
+        if hidden.unseen or not hidden.collectives:
             raise RuntimeError("an all-reduce's completion was not seen")
-        spans = [(comm.issued[i], comm.issued[i] + c.seconds) for i, c in calls]
-        total = in_flight(spans)
-        hidden = in_flight(spans, backward_start, last_grad)
-        return {"efficiency": hidden / total, "in_flight_ms": total * 1e3,
-                "hidden_ms": hidden * 1e3, "backward_ms": (last_grad - backward_start) * 1e3,
-                "all_reduces": len(spans),
-                "started_in_backward": sum(start < last_grad for start, _ in spans)}
+        starts = [start for call, start, _ in trace.comm.spans() if call.op == "all_reduce"]
+        return {"efficiency": hidden.share, "in_flight_ms": hidden.comm_s * 1e3,
+                "hidden_ms": hidden.hidden_s * 1e3,
+                "backward_ms": (last_grad - backward_start) * 1e3,
+                "all_reduces": hidden.collectives,
+                "started_in_backward": sum(start < last_grad for start in starts)}
 
-    overlap = {name: [] for name in runs}
+    overlaps = {name: [] for name in runs}
     for k in _report.progress(range(overlap_steps), desc="overlap steps", show=show and rank == 0):
         for name in (("ours", "torch") if k % 2 == 0 else ("torch", "ours")):
-            overlap[name].append(overlap_step(name))
+            overlaps[name].append(overlap_step(name))
 
     diff = max((a - b).abs().max().item() for a, b in zip(ours_net.parameters(),
                                                           torch_net.parameters()))
@@ -262,7 +237,7 @@ def rank_main(steps: int, repeats: int, warmup: int, bucket_mb: float, batch: in
     # torch's layout after its rebuild, for display only (a private API: "?" if it moves)
     logging_data = getattr(theirs, "_get_ddp_logging_data", dict)()
     torch_buckets = logging_data.get("rebuilt_bucket_sizes", "?")
-    return {"times": times, "overlap": overlap, "diff": diff, "close": close, "bitwise": bitwise,
+    return {"times": times, "overlap": overlaps, "diff": diff, "close": close, "bitwise": bitwise,
             "replica_diff": (checksum - rank0).abs().max().item(),
             "ours_buckets": ours.bucket_bytes(), "torch_buckets": str(torch_buckets),
             "steps_done": dict(done)}
@@ -329,7 +304,7 @@ def main() -> None:
         def per_step(name, key):   # the mean over the ranks, step by step
             return [statistics.mean(r["overlap"][name][k][key] for r in ranks)
                     for k in range(args.overlap_steps)]
-        print(f"\noverlap efficiency (all-reduce time in flight within backward / all of it; "
+        print(f"\noverlap efficiency (all-reduce time in flight under compute / all of it; "
               f"median over {args.overlap_steps} steps, mean of the ranks):")
         eff = {}
         for name in ("ours", "torch"):
@@ -340,7 +315,7 @@ def main() -> None:
             print(f"  {name:>5}: {statistics.median(eff[name]):.3f} (per step "
                   f"{min(eff[name]):.3f}-{max(eff[name]):.3f}); in flight "
                   f"{median['in_flight_ms']:.1f} ms, of which {median['hidden_ms']:.1f} ms "
-                  f"within backward ({median['backward_ms']:.1f} ms); "
+                  f"under compute (backward {median['backward_ms']:.1f} ms); "
                   f"{first['started_in_backward']} of {first['all_reduces']} all-reduces "
                   f"issued before the last gradient")
         paired = all(t > 0 for t in eff["torch"])

@@ -38,6 +38,11 @@ was seen to change size, before every new peak. Activation checkpointing
 autograd, which counts as "activations"; what it recomputes during backward goes through saved-
 tensor hooks of its own and counts as "other". Use one tracer at a time.
 
+PyTorch's memory viewer: ``mem.snapshot("mem.pickle")`` writes the run in the format of
+``torch.cuda.memory._snapshot()`` (see ``labkit.memory_snapshot``), which pytorch.org/memory_viz
+opens. For that the timeline also logs each storage's changes of size and category, a tuple per
+change; ``stacks=True`` adds the Python stack of each op that changed the books (slower).
+
 Threads: autograd, DDP's hooks and gloo's callbacks run on threads of their own, and torch frees a
 storage on whichever thread lets go of it last. So the books change only under one lock, and
 whatever happens outside an op (a storage freed, a tensor saved for backward or released, a grad
@@ -46,11 +51,14 @@ before it looks at the totals. A finaliser can fire on any thread at any allocat
 collection), even inside the locked code: noting never waits, so it cannot deadlock.
 """
 import collections
+import itertools
+import sys
 import threading
 import weakref
 
 import torch
 
+from labkit import _torch_private
 from labkit._torch_private import (DispatchMode, current_autograd_node, detach_unseen,
                                    inner_tensors, is_traceable_wrapper_subclass, tensor_version)
 
@@ -63,6 +71,13 @@ _EVENTS = {}  # (phase, id(op)) -> (op, "forward aten.addmm.default"): str(op) p
 # a tensor made from data (torch.tensor(0.0), Adam's step) reaches the dispatcher only as that.
 _LIFT_FRESH = torch.ops.aten.lift_fresh.default
 _RELEASED, _GRAD = "released", "grad"  # the kinds of notes that are (kind, object) pairs
+_OWN_FILES = {__file__, _torch_private.__file__}  # frames left out of the stacks (_python_stack)
+_ACTIVE = weakref.WeakSet()  # tracers inside their ``with``: ``%ranks status`` reads them
+
+
+def active_tracers() -> list:
+    """The tracers of this process that are inside their ``with`` now."""
+    return list(_ACTIVE)
 
 
 def _storages(obj):
@@ -117,11 +132,23 @@ def _as_list(x):
     return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
 
+def _python_stack():
+    """[(filename, line, function), ...] of the Python frames here, innermost first, less the
+    tracer's own: where the op that is being booked was called from."""
+    stack, frame = [], sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_filename not in _OWN_FILES:
+            stack.append((code.co_filename, frame.f_lineno, code.co_name))
+        frame = frame.f_back
+    return stack
+
+
 class _Entry(weakref.ref):
     """One live storage, and the weak reference to it (``entry()`` is the storage, or None once
     torch freed it): its bytes, what it is, and when it was made and last changed (counts of
     changes to the books, see ``_move``). One object per storage: there are many."""
-    __slots__ = ("key", "nbytes", "tag", "role", "saved", "category", "born", "since")
+    __slots__ = ("key", "nbytes", "tag", "role", "saved", "category", "born", "since", "serial")
     __hash__, __eq__ = object.__hash__, object.__eq__  # an entry is itself, not its storage
 
 
@@ -157,7 +184,10 @@ class MemoryTracer:
     model, optimizer: a module / optimizer, a list of them, or None. Their parameters, grads and
         state count from the start, though they were allocated before the ``with``.
     device: count only storages on this device type ("cpu", "cuda"); None counts all.
-    timeline: record (event, total, by category) after each op that changed the total.
+    timeline: record (event, total, by category) after each op that changed the total, and
+        each storage's changes, for ``snapshot()``.
+    stacks: with the timeline, note the Python stack of every op that changed a storage, for
+        ``snapshot()`` (costs a walk up the stack per such op: off by default).
     fake: count storages on the meta device too. A meta tensor holds no memory, so they are
         skipped, but a fake tensor's storage (``FakeTensorMode``) is one: ``labkit.simulate``
         measures fake tensors with ``fake=True``.
@@ -167,9 +197,13 @@ class MemoryTracer:
     ``cuda_allocated`` / ``cuda_peak`` from torch's allocator (None without CUDA).
     """
 
-    def __init__(self, model=None, optimizer=None, *, device=None, timeline=True, fake=False):
+    def __init__(self, model=None, optimizer=None, *, device=None, timeline=True, fake=False,
+                 stacks=False):
         self.models, self.optimizers = _as_list(model), _as_list(optimizer)
-        self.device, self.record, self.fake = device, timeline, fake
+        self.device, self.record, self.fake, self.stacks = device, timeline, fake, stacks
+        self._log = self._storage_log = None  # storage changes, for snapshot(): _start_log
+        self._logged = 0                      # len(self._log) when the last op was named
+        self._serials = itertools.count()     # a number per entry, never reused: the log's key
         self._live, self._bytes, self._total = {}, dict.fromkeys(CATEGORIES, 0), 0
         self._resizable = set()            # entries seen to change size behind the ops' back
         self._lock = threading.RLock()     # around every change to the books
@@ -219,6 +253,27 @@ class MemoryTracer:
                 self._refresh()
             return dict(self._final if self._final is not None else self._bytes)
 
+    def snapshot(self, path=None) -> dict:
+        """The run in the format of ``torch.cuda.memory._snapshot()``: the storages alive at the
+        end (``"segments"``) and every allocation and free in order (``"device_traces"``), each
+        with its category and the op that made or freed it. ``path``: also write it as a pickle.
+
+        Open the file at https://pytorch.org/memory_viz ("Active Memory Timeline"), or make a
+        page offline with ``torch.cuda._memory_viz.trace_plot(mem.snapshot())``. The format and
+        what differs on a CPU: ``labkit.memory_snapshot``. Needs ``timeline=True`` (the default).
+        """
+        from labkit import memory_snapshot
+        with self._lock:
+            if self._log is None and self._storage_log is None:
+                raise ValueError("snapshot() needs the storage log that MemoryTracer(..., "
+                                 "timeline=True) keeps (the default); this tracer has "
+                                 "timeline=False, or was never entered")
+            log = list(self._log if self._log is not None else self._storage_log)
+        snapshot = memory_snapshot.from_log(log)
+        if path is not None:
+            memory_snapshot.save(snapshot, path)
+        return snapshot
+
     def report(self, timeline=False):
         """A plain dict (ints and strings) to return from a rank and gather in the notebook."""
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -231,6 +286,7 @@ class MemoryTracer:
         if self._active:
             raise RuntimeError("this MemoryTracer is already active")
         self._active, self.timeline, self._final = True, [], None
+        _ACTIVE.add(self)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.reset_peak_memory_stats()
         for model in self.models:
@@ -244,6 +300,7 @@ class MemoryTracer:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._grad_ready))
         with self._lock:
             self._settle()
+            self._start_log()
             self._refresh()
             self.peak, self.peak_total, self.peak_event = dict(self._bytes), self._total, "enter"
             self._peak_seq = self._seq
@@ -265,6 +322,8 @@ class MemoryTracer:
             self._refresh()
             self._mark("exit")
             self._active, self._final = False, dict(self._bytes)
+            self._storage_log, self._log = self._log, None
+        _ACTIVE.discard(self)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             self.cuda_allocated = torch.cuda.memory_allocated()
             self.cuda_peak = torch.cuda.max_memory_allocated()
@@ -281,6 +340,8 @@ class MemoryTracer:
         entry.nbytes, entry.category = nbytes, category
         self._seq += 1
         entry.since = self._seq
+        if self._log is not None:   # numbers and strings: it keeps no entry alive, nor the GC busy
+            self._log.append((entry.serial, nbytes, category))
 
     def _register(self, storage):
         """The entry of a live storage: made on first sight, its size re-read (resize_)."""
@@ -298,6 +359,7 @@ class MemoryTracer:
             entry = self._live[key] = _Entry(storage, self._note)  # its death: a note
             entry.key, entry.nbytes, entry.saved, entry.tag, entry.role = key, 0, 0, None, None
             entry.category, entry.born, entry.since = "other", self._seq + 1, self._seq
+            entry.serial = next(self._serials)
         nbytes = storage.nbytes()
         if nbytes != entry.nbytes:
             if not new:
@@ -447,7 +509,10 @@ class MemoryTracer:
                     self.peak, self.peak_total = dict(self._bytes), self._total
                     self._peak_seq, self.peak_event = self._seq, event
             if self.record and self.timeline[-1][1] != self._total:
-                self.timeline.append((event or self._event(func), self._total, dict(self._bytes)))
+                event = event or self._event(func)
+                self.timeline.append((event, self._total, dict(self._bytes)))
+            if self._log is not None and len(self._log) != self._logged:
+                self._name_changes(event or self._event(func))
 
     def _reread_resizable(self):
         """Sizes that may have changed without an op (FSDP frees with ``storage.resize_(0)``)."""
@@ -468,6 +533,21 @@ class MemoryTracer:
     def _mark(self, event):
         if self.record:
             self.timeline.append((event, self._total, dict(self._bytes)))
+        if self._log is not None and len(self._log) != self._logged:
+            self._name_changes(event)
+
+    # ---- the storage log, for snapshot(): (serial, nbytes, category) per change of the books,
+    # then (event, stack) naming the op or mark that made the changes before it ----
+    def _start_log(self):
+        """Start the log with the storages already booked (a tracer entered a second time)."""
+        self._log, self._logged = ([] if self.record else None), 0
+        if self._log is not None:
+            self._log += [(entry.serial, entry.nbytes, entry.category)
+                          for entry in self._live.values() if entry.nbytes]
+
+    def _name_changes(self, event):
+        self._log.append((event, _python_stack() if self.stacks else None))
+        self._logged = len(self._log)
 
     # ---- hooks: they name the phase; at a mark they re-read the owners and record ----
     def _forward_starts(self, *_):

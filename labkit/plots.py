@@ -358,6 +358,31 @@ def step_timeline(per_rank, title: str | None = None, ax=None, legend: bool = Fa
     return ax
 
 
+def overlap_bars(per_rank, title: str | None = None, ax=None):
+    """Per rank, the time communication was in flight and, over it, the part hidden behind
+    compute, in ms, with the share written above: ``labkit.trace.overlap``'s result (anything
+    with ``rank``, ``comm_s``, ``hidden_s`` and ``share``). Returns the Axes."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3.0 + 1.0 * len(per_rank), 3.4))
+    labels = [f"rank {o.rank}" for o in per_rank]
+    ax.bar(labels, [o.comm_s * 1e3 for o in per_rank], color="#DDDDDD", edgecolor="black",
+           linewidth=0.5, label="communication in flight")
+    ax.bar(labels, [o.hidden_s * 1e3 for o in per_rank], color=COLOURS["comm"],
+           label="of it, under compute")
+    for x, o in enumerate(per_rank):
+        ax.annotate("no communication" if o.share is None else f"{o.share:.0%}",
+                    (x, o.comm_s * 1e3), ha="center", va="bottom", fontsize="small",
+                    xytext=(0, 2), textcoords="offset points")
+    ax.set_ylabel("ms")
+    ax.set_ylim(0, 1.45 * max([o.comm_s * 1e3 for o in per_rank] + [1e-3]))  # room for the legend
+    ax.legend(fontsize="x-small", loc="upper center", ncol=2)
+    if title:
+        ax.set_title(title, fontsize="medium")
+    return ax
+
+
 # --- strategies side by side: memory, bytes and time per strategy (decks and notebooks 07-09) ---
 
 def _by_category(entry) -> dict:
