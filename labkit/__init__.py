@@ -19,7 +19,19 @@ prestart_if_wanted()  # in a notebook: the fork server imports torch while the n
 _LAZY = {"MemoryTracer": "labkit.memory", "CommCounter": "labkit.comm",
          "device": "labkit.placement"}
 _SUBMODULES = ("theory", "simulate", "plots", "widgets", "memory", "comm", "compat",
-               "doctor", "check", "models", "stages", "placement")
+               "doctor", "check", "models", "stages", "placement", "trace",
+               "memory_snapshot")
+
+
+def load_ipython_extension(ipython):
+    """``%load_ext labkit``: the ``%ranks`` and ``%%ranks`` magics (docs/ranks.md)."""
+    from labkit.magics import load_ipython_extension as load
+    load(ipython)
+
+
+def unload_ipython_extension(ipython):
+    from labkit.magics import unload_ipython_extension as unload
+    unload(ipython)
 
 
 def __getattr__(name):

@@ -64,3 +64,30 @@ def test_every_process_of_a_torchrun_launch_listens_on_loopback_only(no_leftover
     for who, sockets in seen.items():
         for ip, port in sockets:
             assert ipaddress.ip_address(ip).is_loopback, f"{who} listens on {ip}:{port}"
+
+
+def test_every_process_of_a_rank_session_listens_on_loopback_only_and_talks_over_pipes(
+        no_leftovers):
+    """Persistent ranks (%ranks): the same store and ranks, commands and replies on pipes."""
+    import stat
+    from labkit.launcher._session import RankSession
+    session = RankSession()
+    session.start(2, quiet=True)
+    try:
+        session.run_cell("import torch, torch.distributed as dist\ndist.all_reduce(torch.ones(1))")
+        seen = {"kernel (store)": listening(os.getpid())}
+        for rank, pid in enumerate(session.pids):
+            seen[f"rank {rank}"] = listening(pid)
+            seen[f"parent of rank {rank}"] = listening(psutil.Process(pid).ppid())
+            # the rank reads commands on fd 0 and replies on fd 3: pipes only the kernel holds
+            channels = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in (0, 3)]
+            assert all(c.startswith("pipe:") for c in channels), f"rank {rank}: {channels}"
+            process = session.ranks[rank]
+            assert stat.S_ISFIFO(os.fstat(process.stdin_w).st_mode)
+            assert stat.S_ISFIFO(os.fstat(process.result_r).st_mode)
+    finally:
+        session.stop()
+    assert seen["kernel (store)"], "the store should be listening while the ranks run"
+    for who, sockets in seen.items():
+        for ip, port in sockets:
+            assert ipaddress.ip_address(ip).is_loopback, f"{who} listens on {ip}:{port}"

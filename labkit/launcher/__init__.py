@@ -16,12 +16,16 @@ Public names (also on ``labkit``): ``launch``, ``shutdown``, ``warm_up``, ``Laun
     _pickling     cloudpickle that keeps file names, for tracebacks with the notebook's lines
     _platform     cores, threads per rank, loopback interface, default start method
     _torchrun     start_method="torchrun"
+    _session      RankSession: persistent ranks for the %ranks / %%ranks magics (labkit.magics)
+    _session_watch  the watch loop of a session: replies instead of a result, stacks to the cell
+    _rank_loop    what a persistent rank runs: commands in, cells in its own namespace, replies
     errors        LaunchError, LaunchTimeout, the root cause, readable stacks
 """
 from labkit.launcher._launch import launch
 from labkit.launcher._platform import usable_cores
 from labkit.launcher._server import prestart, shutdown, warm_up
+from labkit.launcher._session import RankSession
 from labkit.launcher.errors import LaunchError, LaunchTimeout
 
 __all__ = ["launch", "shutdown", "warm_up", "prestart", "LaunchError", "LaunchTimeout",
-           "usable_cores"]
+           "usable_cores", "RankSession"]
