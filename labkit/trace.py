@@ -53,6 +53,7 @@ class StepTrace:
         self.comm = CommCounter()
         self.origin = time.perf_counter()
         self._spans, self._marks = [], []   # (name, start, end, compute), (name, at)
+        self._collectives = []               # (call, start, end) measured elsewhere
 
     def __enter__(self):
         self.comm.__enter__()
@@ -73,6 +74,13 @@ class StepTrace:
         if end < start:
             raise ValueError(f"span {name!r} ends ({end}) before it starts ({start})")
         self._spans.append((name, start, end, compute))
+
+    def add_collective(self, call, start: float, end: Optional[float] = None):
+        """A collective timed elsewhere (a ``CommCall`` of another ledger, its call and end
+        times; ``end`` None when its completion was not seen), drawn beside the ledger's own."""
+        if end is not None and end < start:
+            raise ValueError(f"{call.op} ends ({end}) before it starts ({start})")
+        self._collectives.append((call, start, end))
 
     def mark(self, name: str, at: Optional[float] = None):
         """An instant on the phases track (now, or at ``time.perf_counter()`` value ``at``)."""
@@ -98,7 +106,8 @@ class StepTrace:
         out += [{"name": name, "cat": "mark", "ph": "i", "s": "t", "ts": us(at), "pid": rank,
                  "tid": 0, "args": {}} for name, at in self._marks]
         lane_ends = []                       # per collectives track, when its last span ends
-        for index, (call, start, end) in enumerate(self.comm.spans()):
+        collectives = sorted(self.comm.spans() + self._collectives, key=lambda c: c[1])
+        for index, (call, start, end) in enumerate(collectives):
             args = {"index": index, "payload_bytes": call.payload_bytes,
                     "wire_bytes": call.wire_bytes, "world_size": call.world_size,
                     "async_op": call.async_op, "peer": call.peer}

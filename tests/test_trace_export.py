@@ -364,6 +364,23 @@ def test_spans_must_nest_and_times_must_run_forward():
         trace.add_span("c", 2.0, 1.0)
 
 
+def test_collectives_timed_elsewhere_join_the_ledgers_in_time_order():
+    from labkit.comm import CommCall
+    trace = StepTrace()
+    trace.origin = 0.0
+    trace.add_span("compute", 0.0, 2.0)
+    trace.add_collective(CommCall("all_gather", 64, 32.0, 1.0, 2, None, True), 1.5, 2.5)
+    trace.add_collective(CommCall("reduce_scatter", 64, 32.0, None, 2, None, True), 0.5)
+    with pytest.raises(ValueError, match="all_gather ends"):
+        trace.add_collective(CommCall("all_gather", 64, 32.0, 1.0, 2, None, True), 3.0, 2.0)
+    events = trace.events(rank=0)
+    validate(merge([events]))
+    comm = [e for e in events if e.get("cat") == "comm"]
+    assert [(e["name"], e["ph"], e["ts"], e["args"]["index"]) for e in comm] == [
+        ("reduce_scatter (end not seen)", "i", 0.5e6, 0), ("all_gather", "X", 1.5e6, 1)]
+    assert overlap(merge([events]))[0].share == 0.5           # 0.5 s of 1 s under compute
+
+
 def test_a_trace_outside_a_process_group_is_rank_0_and_valid():
     trace = StepTrace()
     with trace:
