@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import os
 import shutil
 import sys
@@ -55,6 +56,7 @@ class Exercise:
     # passed, failed, not implemented, error, timeout, no result, not run, missing
     status: str
     hint: str = ""
+    figures: dict = field(default_factory=dict)  # what the check measured, for feedback
 
     @property
     def passed(self) -> bool:
@@ -67,7 +69,7 @@ class Exercise:
     def as_json(self) -> dict:
         return {"name": self.name, "points": _number(self.points),
                 "max_points": _number(self.max_points), "passed": self.passed,
-                "status": self.status, "hint": self.hint}
+                "status": self.status, "hint": self.hint, "figures": self.figures}
 
 
 @dataclass
@@ -78,6 +80,9 @@ class Grade:
     template: str | None = None  # the released notebook its check cells were restored from
     manual_points: float = 0.0   # written answers (nbgrader manual cells): graded by hand
     seconds: float = 0.0
+    learner: str | None = None   # the submission folder's name, when a class is graded
+    key: str | None = None       # what was graded (content hashes): a re-run skips it if equal
+    incidents: list = field(default_factory=list)  # what the notebook tried that it must not
     executed: nbformat.NotebookNode | None = field(default=None, repr=False)
 
     @property
@@ -93,7 +98,18 @@ class Grade:
                 "max_score": _number(self.max_score),
                 "exercises": [exercise.as_json() for exercise in self.exercises],
                 "error": self.error, "template": self.template,
-                "manual_points": _number(self.manual_points)}
+                "manual_points": _number(self.manual_points), "learner": self.learner,
+                "incidents": list(self.incidents), "key": self.key,
+                "seconds": round(self.seconds, 1)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Grade":
+        """The inverse of ``as_json`` (a line of an earlier run's grades.jsonl)."""
+        exercises = [Exercise(e["name"], float(e["max_points"]), e["status"], e.get("hint", ""),
+                              e.get("figures") or {}) for e in data.get("exercises", [])]
+        return cls(data["notebook"], exercises, data.get("error"), data.get("template"),
+                   float(data.get("manual_points") or 0), float(data.get("seconds") or 0),
+                   data.get("learner"), data.get("key"), list(data.get("incidents") or []))
 
 
 def _number(value: float):
@@ -127,23 +143,39 @@ def _check_ids(nb) -> set:
     return {_nbgrader(cell)["grade_id"] for cell in nb.cells if _restored(cell)}
 
 
-def find_template(submission, name: str, template: Path | None = None) -> Path:
-    """The released learner notebook to restore ``submission``'s check cells from.
-
-    ``template`` itself when it is a file; else, of the notebooks in the folder ``template`` (by
-    default the course's ``notebooks/``), the one whose check cells' grade_ids best match the
-    submission's (the largest share of the ids either has in common), so a renamed copy still
-    finds its assignment. The file name ``name`` only breaks a tie.
-    """
+def load_released(template: Path | None = None) -> dict:
+    """{path: notebook} of the released notebooks ``template`` names (a notebook or a folder of
+    them; by default the course's ``notebooks/``), read once: a class is graded against what
+    they were when grading started, whatever a submission later does to the files."""
     if template is None:
         from labkit.release import course_root
         template = course_root() / "notebooks"
     template = Path(template)
     if template.is_file():
-        return template
+        return {template: _read(template)}
     if not template.is_dir():
         raise GradingError(f"no released notebook at {template}: --template takes a released "
                            "learner notebook or a folder of them")
+    return {path: _read(path) for path in sorted(template.glob("*.ipynb"))}
+
+
+def find_template(submission, name: str, template: Path | None = None,
+                  released: dict | None = None) -> Path:
+    """The released learner notebook to restore ``submission``'s check cells from.
+
+    ``template`` itself when it is a file; else, of the notebooks in the folder ``template`` (by
+    default the course's ``notebooks/``), the one whose check cells' grade_ids best match the
+    submission's (the largest share of the ids either has in common), so a renamed copy still
+    finds its assignment. The file name ``name`` only breaks a tie. ``released``: the notebooks
+    ``load_released(template)`` read, when already read.
+    """
+    if released is None:
+        released = load_released(template)
+    if template is not None and Path(template).is_file():
+        return Path(template)
+    if template is None:
+        from labkit.release import course_root
+        template = course_root() / "notebooks"
     ids = _check_ids(submission)
     if not ids:
         raise GradingError(f"no released notebook matches {name}: it has no check cells (no "
@@ -151,8 +183,8 @@ def find_template(submission, name: str, template: Path | None = None) -> Path:
                            "into a copy of the released notebook and grade that, or name the "
                            "released notebook with --template PATH.ipynb")
     matches = []
-    for path in sorted(template.glob("*.ipynb")):
-        theirs = _check_ids(_read(path))
+    for path, notebook in sorted(released.items()):
+        theirs = _check_ids(notebook)
         if ids & theirs:
             matches.append((len(ids & theirs) / len(ids | theirs), path))
     if not matches:
@@ -204,16 +236,17 @@ def kernel_transport() -> str:
     return "ipc" if os.name != "nt" and zmq.has("ipc") else "tcp"
 
 
-def _client(nb, cwd: Path, timeout: float, private: str, replies: dict):
-    """An nbclient NotebookClient whose kernel is this Python; its connection file (and its
-    sockets, on IPC) are in the private folder ``private``."""
+def _client(nb, cwd: Path, timeout: float, private: str, replies: dict,
+            kernel_module: str = "ipykernel_launcher"):
+    """An nbclient NotebookClient whose kernel is this Python (``python -m kernel_module``);
+    its connection file (and its sockets, on IPC) are in the private folder ``private``."""
     from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
     from jupyter_client.manager import AsyncKernelManager
     from nbclient import NotebookClient
 
     class CurrentEnvSpecs(KernelSpecManager):
         def get_kernel_spec(self, kernel_name):
-            return KernelSpec(argv=[sys.executable, "-m", "ipykernel_launcher", "-f",
+            return KernelSpec(argv=[sys.executable, "-m", kernel_module, "-f",
                                     "{connection_file}"],
                               display_name="labkit grade", language="python")
 
@@ -234,45 +267,65 @@ def _client(nb, cwd: Path, timeout: float, private: str, replies: dict):
                   resources={"metadata": {"path": str(cwd)}}, on_cell_executed=keep_reply)
 
 
-def execute(nb, cwd: Path, timeout: float = DEFAULT_TIMEOUT, on_cell=None) -> dict[int, str]:
+def execute(nb, cwd: Path, timeout: float = DEFAULT_TIMEOUT, on_cell=None, *,
+            time_limit: float | None = None, private: Path | None = None,
+            kernel_kwargs: dict | None = None) -> dict[int, str]:
     """Run every code cell of ``nb`` in place; returns {cell index: why it was not run}.
-    ``on_cell(number)`` is called before the code cell ``number`` (from 1) runs."""
-    from nbclient.exceptions import DeadKernelError
-
+    ``on_cell(number)`` is called before the code cell ``number`` (from 1) runs. After
+    ``time_limit`` seconds for the whole notebook, the cells left are not run. ``private``
+    holds the kernel's connection file (a fresh temporary folder by default);
+    ``kernel_kwargs`` go to the kernel's Popen (its environment, streams, user), but
+    ``kernel_module``, the module the kernel runs (default ``ipykernel_launcher``)."""
     if importlib.util.find_spec("ipykernel") is None:
         raise GradingError(f"labkit grade needs ipykernel in {sys.executable}'s environment")
+    if private is None:
+        with tempfile.TemporaryDirectory(prefix="labkit-grade-") as folder:
+            return execute(nb, cwd, timeout, on_cell, time_limit=time_limit,
+                           private=Path(folder), kernel_kwargs=kernel_kwargs)
+    from nbclient.exceptions import DeadKernelError
+
     not_run, stopped, started, replies, number = {}, None, False, {}, 0
-    with tempfile.TemporaryDirectory(prefix="labkit-grade-") as private:
-        client = _client(nb, cwd, timeout, private, replies)
-        try:
-            with client.setup_kernel():
-                started = True
-                for index, cell in enumerate(nb.cells):
-                    if stopped:
-                        not_run[index] = stopped
-                        continue
-                    if cell.cell_type == "code" and on_cell is not None:
-                        number += 1
-                        on_cell(number)
-                    try:
-                        client.execute_cell(cell, index)
-                    except DeadKernelError:
-                        cell.outputs.append(_error_output(
-                            "DeadKernelError", "the kernel died while running this cell "
-                            "(os._exit, a crash or out of memory)"))
-                        stopped = f"not run: the kernel died in cell {index}"
-                        continue
-                    if replies.pop(index, {}).get("content", {}).get("ename") == "Timeout":
-                        cell.outputs.insert(0, _error_output(
-                            "Timeout", f"the cell did not finish within {timeout:g} s"))
-                        if not _answers_again(client):
-                            client.shutdown_kernel = "immediate"  # kill it on the way out
-                            stopped = (f"not run: cell {index} did not finish within "
-                                       f"{timeout:g} s and the kernel ignored the interrupt")
-        except Exception as error:
-            if not started:  # no kernel: grading failed, not the learner
-                raise GradingError(f"could not start a kernel: {error}") from None
-            raise
+    end = time.monotonic() + time_limit if time_limit else None
+    kernel_kwargs = dict(kernel_kwargs or {})
+    client = _client(nb, cwd, timeout, str(private), replies,
+                     kernel_kwargs.pop("kernel_module", "ipykernel_launcher"))
+    try:
+        with client.setup_kernel(**kernel_kwargs):
+            started = True
+            for index, cell in enumerate(nb.cells):
+                left = end - time.monotonic() if end is not None else timeout
+                if not stopped and cell.cell_type == "code" and left <= 0:
+                    stopped = (f"not run: the notebook ran past its time limit of "
+                               f"{time_limit:g} s")
+                if stopped:
+                    not_run[index] = stopped
+                    continue
+                if cell.cell_type == "code" and on_cell is not None:
+                    number += 1
+                    on_cell(number)
+                client.timeout = max(1, min(timeout, math.ceil(left)))
+                try:
+                    client.execute_cell(cell, index)
+                except DeadKernelError:
+                    cell.outputs.append(_error_output(
+                        "DeadKernelError", "the kernel died while running this cell "
+                        "(os._exit, a crash or out of memory)"))
+                    stopped = f"not run: the kernel died in cell {index}"
+                    continue
+                if replies.pop(index, {}).get("content", {}).get("ename") == "Timeout":
+                    cell.outputs.insert(0, _error_output(
+                        "Timeout", f"the cell did not finish within {client.timeout:g} s"
+                        + ("" if client.timeout == timeout else
+                           " (the notebook's time limit)")))
+                    if not _answers_again(client):
+                        client.shutdown_kernel = "immediate"  # kill it on the way out
+                        stopped = (f"not run: cell {index} did not finish within "
+                                   f"{client.timeout:g} s and the kernel ignored the "
+                                   "interrupt")
+    except Exception as error:
+        if not started:  # no kernel: grading failed, not the learner
+            raise GradingError(f"could not start a kernel: {error}") from None
+        raise
     return not_run
 
 
@@ -307,21 +360,39 @@ def check_results(cell) -> list[dict]:
     return results
 
 
-def _cell_status(cell) -> tuple[str, str]:
+def _cell_status(cell) -> tuple[str, str, dict]:
+    """(status, hint, figures) of one executed check cell."""
     errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
     if errors:
         status = "timeout" if errors[0].get("ename") == "Timeout" else "error"
-        return status, f"{errors[0].get('ename')}: {errors[0].get('evalue')}"[:300]
+        return status, f"{errors[0].get('ename')}: {errors[0].get('evalue')}"[:300], {}
     results = check_results(cell)
     if not results:
-        return "no result", "the cell published no labkit check result"
+        return "no result", "the cell published no labkit check result", {}
     failing = [r for r in results if r.get("passed") is not True]
     if not failing:
-        return "passed", ""
+        return "passed", "", _figures(results[0])
     status = failing[0].get("status")
     status = status if status in ("failed", "not implemented") else "failed"
     return status, str(failing[0].get("hint") or ("not implemented yet" if status ==
-                                                  "not implemented" else ""))
+                                                  "not implemented" else "")), \
+        _figures(failing[0])
+
+
+def _figures(result: dict) -> dict:
+    """The measured figures of a check result, when they are JSON (a learner could publish
+    anything)."""
+    figures = result.get("figures")
+    try:
+        return json.loads(json.dumps(figures)) if isinstance(figures, dict) else {}
+    except (TypeError, ValueError):
+        return {}
+
+
+def not_graded(template, why: str) -> list[Exercise]:
+    """Every exercise of ``template`` at zero, status "not run", with ``why`` as the hint (a
+    notebook stopped from outside)."""
+    return score(template, template, {i: why for i in range(len(template.cells))})
 
 
 def score(executed, template, not_run: dict[int, str]) -> list[Exercise]:
@@ -337,29 +408,35 @@ def score(executed, template, not_run: dict[int, str]) -> list[Exercise]:
             exercises.append(Exercise(grade_id, points, "missing", "the check cell was deleted; "
                                       "copy it back from the released notebook"))
             continue
-        statuses = [("not run", not_run[i]) if i in not_run else _cell_status(executed.cells[i])
-                    for i in indices]
-        status, hint = next((s for s in statuses if s[0] != "passed"), ("passed", ""))
-        exercises.append(Exercise(grade_id, points, status, hint))
+        statuses = [("not run", not_run[i], {}) if i in not_run
+                    else _cell_status(executed.cells[i]) for i in indices]
+        status, hint, figures = next((s for s in statuses if s[0] != "passed"), statuses[0])
+        exercises.append(Exercise(grade_id, points, status, hint, figures))
     return exercises
 
 
 def grade_notebook(path, template=None, timeout_per_cell: float = DEFAULT_TIMEOUT,
-                   progress: Progress | None = None) -> Grade:
+                   progress: Progress | None = None, *, released: dict | None = None,
+                   time_limit: float | None = None, private: Path | None = None,
+                   kernel_kwargs: dict | None = None) -> Grade:
     """Grade one submitted notebook. Grading failures are returned in ``Grade.error``.
-    ``progress``, when given, is told where the run is (the notebook takes a while)."""
+    ``progress``, when given, is told where the run is (the notebook takes a while).
+    ``released`` are the released notebooks already read (``load_released``); ``time_limit``,
+    ``private`` and ``kernel_kwargs`` are passed to ``execute`` (a class's sandbox uses them)."""
     path, started = Path(path), time.monotonic()
     grade = Grade(notebook=str(path))
     try:
         submission = _read(path)
-        found = find_template(submission, path.name, template)
-        grade.template, template_nb = str(found), _read(found)
+        released = released if released is not None else load_released(template)
+        found = find_template(submission, path.name, template, released)
+        grade.template, template_nb = str(found), released[found]
         restore_check_cells(submission, template_nb)
         on_cell = None
         if progress is not None:
             on_cell = progress.start(path, found, sum(c.cell_type == "code"
                                                       for c in submission.cells))
-        not_run = execute(submission, path.resolve().parent, timeout_per_cell, on_cell)
+        not_run = execute(submission, path.resolve().parent, timeout_per_cell, on_cell,
+                          time_limit=time_limit, private=private, kernel_kwargs=kernel_kwargs)
         grade.exercises, grade.executed = score(submission, template_nb, not_run), submission
         grade.manual_points = sum(float(_nbgrader(c).get("points", 0))
                                   for c in template_nb.cells if _is_manual(c))

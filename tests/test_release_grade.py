@@ -163,9 +163,9 @@ def test_grade_json_one_object_per_line_full_marks_and_zero(tmp_path):
     assert solution["error"] is None and solution["notebook"] == str(TOY)
     assert learner["exercises"] == [
         {"name": "check-double", "points": 0, "max_points": 2, "passed": False,
-         "status": "not implemented", "hint": "double is not implemented yet"},
+         "status": "not implemented", "hint": "double is not implemented yet", "figures": {}},
         {"name": "check-triple", "points": 0, "max_points": 1, "passed": False,
-         "status": "not implemented", "hint": "triple is not implemented yet"}]
+         "status": "not implemented", "hint": "triple is not implemented yet", "figures": {}}]
 
 
 def test_grade_table_and_exit_status_when_grading_fails(tmp_path):
