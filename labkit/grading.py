@@ -237,9 +237,10 @@ def kernel_transport() -> str:
 
 
 def _client(nb, cwd: Path, timeout: float, private: str, replies: dict,
-            kernel_module: str = "ipykernel_launcher"):
+            kernel_module: str = "ipykernel_launcher", kernel_user: int | None = None):
     """An nbclient NotebookClient whose kernel is this Python (``python -m kernel_module``);
-    its connection file (and its sockets, on IPC) are in the private folder ``private``."""
+    its connection file (and its sockets, on IPC) are in the private folder ``private``. With
+    ``kernel_user`` (the uid the kernel runs as), that user owns the connection file."""
     from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
     from jupyter_client.manager import AsyncKernelManager
     from nbclient import NotebookClient
@@ -250,12 +251,18 @@ def _client(nb, cwd: Path, timeout: float, private: str, replies: dict,
                                     "{connection_file}"],
                               display_name="labkit grade", language="python")
 
+    class Manager(AsyncKernelManager):
+        def write_connection_file(self, **kwargs):
+            super().write_connection_file(**kwargs)
+            if kernel_user is not None:  # written 0600 by us: the kernel's user must read it
+                os.chown(self.connection_file, kernel_user, kernel_user)
+
     class Client(NotebookClient):
         def create_kernel_manager(self):
             # On IPC the sockets are files next to the connection file (kernel-ipc-<port>).
-            self.km = AsyncKernelManager(kernel_name="python3", transport=kernel_transport(),
-                                         connection_file=str(Path(private) / "kernel.json"),
-                                         kernel_spec_manager=CurrentEnvSpecs())
+            self.km = Manager(kernel_name="python3", transport=kernel_transport(),
+                              connection_file=str(Path(private) / "kernel.json"),
+                              kernel_spec_manager=CurrentEnvSpecs())
             return self.km
 
     def keep_reply(cell, cell_index, execute_reply):
@@ -288,7 +295,8 @@ def execute(nb, cwd: Path, timeout: float = DEFAULT_TIMEOUT, on_cell=None, *,
     end = time.monotonic() + time_limit if time_limit else None
     kernel_kwargs = dict(kernel_kwargs or {})
     client = _client(nb, cwd, timeout, str(private), replies,
-                     kernel_kwargs.pop("kernel_module", "ipykernel_launcher"))
+                     kernel_kwargs.pop("kernel_module", "ipykernel_launcher"),
+                     kernel_kwargs.get("user"))
     try:
         with client.setup_kernel(**kernel_kwargs):
             started = True

@@ -227,6 +227,8 @@ class ClassGrader:
         """Holding the lock: keep the grade unless the environment changed meanwhile."""
         job.grade = grade
         changes = self.guard.changes()
+        self.guard.restore([c for c in changes if c.new_bytecode])
+        changes = [c for c in changes if not c.new_bytecode]
         if not changes:
             self._last_clean = job.ended
             return

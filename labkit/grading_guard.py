@@ -32,6 +32,14 @@ class Change:
     def __str__(self) -> str:
         return f"{self.what} {self.path}"
 
+    @property
+    def new_bytecode(self) -> bool:
+        """A .pyc (or a __pycache__ folder) added: any Python process on the machine writes these
+        when it first imports a module. Removed (a planted one could run code), never blamed."""
+        path = Path(self.path)
+        return self.what == "added" and (path.name == "__pycache__" or (
+            path.parent.name == "__pycache__" and path.suffix == ".pyc"))
+
 
 def package_trees() -> list[Path]:
     """Where this Python imports from: the standard library and site-packages (with its .pth

@@ -82,6 +82,18 @@ be read: ``nb00_setup.py``, ``nb01_collectives.py``, ``nb01_ring_phases.py``,
 ``nb01_async.py``, ``nb02_ddp.py``, ``nb06_zero1.py``, ``predictions.py``; the ring in the ledger is ``_ring.py``,
 the cases and inputs ``_allreduce.py``, training on N ranks against one process
 ``_training.py``, the shared machinery ``_core.py``.
+
+Quick sizes for grading (``_sizes.py``): where nbgrader runs the notebook (``NBGRADER_EXECUTION``
+is "autograde" or "validate"; ``labkit grade`` sets "autograde") and the instructor has set
+``LABKIT_AUTOGRADE_SIZES=quick``, the checks that launch ranks try 2 and 3 ranks instead of
+2, 3, 4 (``sum_of_ranks``, the ring checks, ``all_reduce_via_rs_ag``) or 2 and 4 (``naive_ddp``,
+``overlapped_ddp``, ``bucketed_ddp``, ``no_sync_ddp``, ``zero1``, ``zero2``, ``zero3``,
+``zero3_prefetch``: the 4-rank run becomes a 3-rank run with the same models, dtypes,
+optimizers and steps). The inputs and what is read from the ledger and the tracer do not
+change, and an odd N and sizes N does not divide are still tried; the line ends with "(quick
+sizes for grading: LABKIT_AUTOGRADE_SIZES=quick)". Either variable alone changes nothing, so
+a learner's own run always has the full sizes. ``all_reduce_while_computing`` and
+``token_accumulation`` already run on 2 and 3 ranks; the checks without ranks never change.
 """
 from labkit.check._core import FAILED, MIMETYPE, NOT_IMPLEMENTED, PASSED, CheckResult
 from labkit.check._hints import hint

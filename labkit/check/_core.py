@@ -21,6 +21,7 @@ import time
 from typing import Callable, NamedTuple, Optional
 
 import labkit
+from labkit.check import _sizes
 
 MIMETYPE = "application/vnd.labkit.check+json"
 PASSED, FAILED, NOT_IMPLEMENTED = "passed", "failed", "not implemented"
@@ -78,20 +79,32 @@ class NotImplementedYet(Exception):
     """The learner's function is still the ``raise NotImplementedError()`` stub."""
 
 
-def exercise(name: str):
+def exercise(name: str, sizes: bool = False):
     """Turn ``grader(fn, **options) -> (summary, figures)`` into a check that never raises.
 
     The grader raises ``Failed`` (or lets ``Ranks`` raise it) to fail; the check prints one line,
-    publishes the result to the notebook's outputs and returns it.
+    publishes the result to the notebook's outputs and returns it. ``sizes``: the grader picks
+    its world sizes with ``_sizes.pick``, so under quick sizes (``_sizes``) its line says so.
     """
     def wrap(grader):
         @functools.wraps(grader)
         def check(fn, **options) -> CheckResult:
             result = _grade(name, grader, fn, options)
+            if sizes and _sizes.quick():
+                _note_quick_sizes(result)
             report(result)
             return result
         return check
     return wrap
+
+
+def _note_quick_sizes(result: CheckResult) -> None:
+    """Say in the line, the hint and the figures that this run used the quick sizes."""
+    if result.status == PASSED:
+        result.summary += _sizes.NOTE
+    elif result.status == FAILED:
+        result.hint = (result.hint or "") + _sizes.NOTE
+    result.figures["sizes"] = "quick"
 
 
 _ATTEMPTED: set = set()   # checks that ran on the learner's own function in this process

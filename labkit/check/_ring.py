@@ -298,6 +298,7 @@ def hang_advice(waits, n):
 # --- what a passing check says --------------------------------------------------------------------
 
 SHOWN = (4, 1000)   # the run whose bytes the summary reports: 4 ranks, 1000 float32 elements
+#                   (the most ranks tried: 3 under quick sizes, _sizes.py)
 # A summary shows the measured sends and bytes only once the learner has predicted them.
 PREDICTIONS = ("ring_sends_per_rank", "ring_bytes_per_rank")
 
@@ -316,7 +317,7 @@ def measured(runs, cases, op: str, formula_text: str):
 
     ``op``: the collective whose ring formula (``labkit.theory.wire_bytes``) the bytes match.
     """
-    n, size = SHOWN
+    n, size = min(SHOWN[0], max(runs)), SHOWN[1]
     case = next(c for c in runs[n] if c["size"] == size and c["element_size"] == 4)
     s = size * case["element_size"]
     sent = [sum(b for b, _ in messages(calls, "send")) for calls in case["calls"]]

@@ -9,11 +9,13 @@ import numbers
 
 import torch
 
+from labkit.check import _sizes
 from labkit.check._core import Failed, Ranks, attempted, call_learner, exercise
 from labkit.check._hints import register
 from labkit.comm import CommCounter
 
 WORLD_SIZES = (2, 3, 4)
+QUICK_WORLD_SIZES = (2, 3)   # LABKIT_AUTOGRADE_SIZES=quick under nbgrader (_sizes.py)
 # Ops that carry data between ranks but are not collectives, and one that carries none.
 _NOT_COLLECTIVES = {"send", "recv", "barrier"}
 
@@ -90,17 +92,19 @@ def _diagnose(values: list, n: int):
     return f"on {n} ranks the ranks returned {values}, expected {want:g} on every rank"
 
 
-@exercise("sum_of_ranks")
+@exercise("sum_of_ranks", sizes=True)
 def sum_of_ranks(fn, *, timeout: float = 10.0):
-    """Run ``fn()`` on 2, 3 and 4 ranks; every rank must return N(N-1)/2, and its ledger must
-    show a collective that carried data (all_reduce; all_gather and a sum also do).
+    """Run ``fn()`` on 2, 3 and 4 ranks (2 and 3 under quick sizes, ``_sizes``); every rank
+    must return N(N-1)/2, and its ledger must show a collective that carried data (all_reduce;
+    all_gather and a sum also do).
 
     A one-element tensor counts as its number. The sums show in the summary once the learner
     has made the ``predicted_sum`` prediction. ``timeout``: seconds per launch.
     """
     ranks = Ranks("sum_of_ranks", timeout=timeout)
     got, figures = {}, {}
-    for n in WORLD_SIZES:
+    world_sizes = _sizes.pick(WORLD_SIZES, QUICK_WORLD_SIZES)
+    for n in world_sizes:
         values, ops = zip(*ranks.run(_run, n, fn))
         hint = _diagnose(list(values), n) or _no_collective(list(ops), n)
         if hint:
@@ -109,7 +113,7 @@ def sum_of_ranks(fn, *, timeout: float = 10.0):
         figures[f"{n} ranks"] = values[0]
     used = sorted(set().union(*map(set, ops)) - _NOT_COLLECTIVES)
     if not attempted("predicted_sum"):
-        return (f"every rank returned the sum of the ranks on 2, 3 and 4 ranks, through "
-                f"{', '.join(used)}"), figures
+        return (f"every rank returned the sum of the ranks on {_sizes.listed(world_sizes)} "
+                f"ranks, through {', '.join(used)}"), figures
     shown = ", ".join(f"{v:g} on {n} ranks" for n, v in got.items())
     return f"every rank returned N(N-1)/2: {shown}, through {', '.join(used)}", figures

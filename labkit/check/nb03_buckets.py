@@ -47,13 +47,15 @@ import torch
 import torch.distributed as dist
 
 from labkit import models, theory
-from labkit.check import _training, nb02_ddp
+from labkit.check import _sizes, _training, nb02_ddp
 from labkit.check._core import Failed, Ranks, call_here, exercise
 from labkit.check._hints import register
 from labkit.check.predictions import _compare
 
 SYNC = "finish_gradient_sync"
 WORLDS = ((2, torch.float32), (4, torch.float64))
+# LABKIT_AUTOGRADE_SIZES=quick under nbgrader (_sizes.py): 3 ranks instead of 4
+QUICK_WORLDS = ((2, torch.float32), (3, torch.float64))
 KINDS = ("plain", "batchnorm", "frozen", "tied", "unused")
 RANK0_WAITS_S = 3.0   # at most this long, once per launch, for the other ranks' backward
 
@@ -422,10 +424,12 @@ def _crash_advice(crash):
 
 
 def _grade(cls, name, exercise_name, caps, timeout):
-    """Train ``cls`` on 2 and 4 ranks; ``caps``: True for the bucket sizes, False for none."""
+    """Train ``cls`` on 2 and 4 ranks (2 and 3 under quick sizes); ``caps``: True for the bucket
+    sizes, False for none. Returns (the world sizes, the largest difference on each, figures)."""
     ranks = Ranks(exercise_name, timeout=timeout, budget=3 * timeout, crash_advice=_crash_advice)
     figures, worst = {}, {}
-    for n, dtype in WORLDS:
+    worlds = _sizes.pick(WORLDS, QUICK_WORLDS)
+    for n, dtype in worlds:
         generator = torch.Generator().manual_seed(secrets.randbits(63))
         jobs, expected = [], []
         for kind in KINDS:
@@ -454,7 +458,7 @@ def _grade(cls, name, exercise_name, caps, timeout):
         figures[f"{n} ranks: all-reduces launched during backward (plain model, step 0)"] = sum(
             op == "all_reduce" for op, _, _ in first["backward"])
         figures[f"{n} ranks: largest difference from one process"] = worst[n]
-    return worst, figures
+    return [n for n, _ in worlds], worst, figures
 
 
 register("overlapped_ddp", [
@@ -485,24 +489,26 @@ register("bucketed_ddp", [
 ])
 
 
-@exercise("overlapped_ddp")
+@exercise("overlapped_ddp", sizes=True)
 def overlapped_ddp(cls, *, timeout: float = 20.0):
     """``cls(module)``: an all-reduce per parameter from a gradient hook, waited for in
     ``finish_gradient_sync()`` (module docstring)."""
-    worst, figures = _grade(cls, "OverlappedDDP", "overlapped_ddp", caps=False, timeout=timeout)
-    return (f"on 2 ranks (float32) and 4 (float64), {len(KINDS)} models x {_training.STEPS} "
-            f"steps: equal to one process (largest difference {worst[2]:.1e} and "
-            f"{worst[4]:.1e}); one async all-reduce per parameter, launched during backward and "
+    (a, b), worst, figures = _grade(cls, "OverlappedDDP", "overlapped_ddp", caps=False,
+                                    timeout=timeout)
+    return (f"on {a} ranks (float32) and {b} (float64), {len(KINDS)} models x {_training.STEPS} "
+            f"steps: equal to one process (largest difference {worst[a]:.1e} and "
+            f"{worst[b]:.1e}); one async all-reduce per parameter, launched during backward and "
             f"waited for only in {SYNC}()"), figures
 
 
-@exercise("bucketed_ddp")
+@exercise("bucketed_ddp", sizes=True)
 def bucketed_ddp(cls, *, timeout: float = 20.0):
     """``cls(module, bucket_bytes)``: buckets in reverse order, each all-reduced as soon as it is
     complete (module docstring), for one bucket, a few, and one per parameter."""
-    worst, figures = _grade(cls, "BucketedDDP", "bucketed_ddp", caps=True, timeout=timeout)
-    return (f"on 2 ranks (float32) and 4 (float64), {len(KINDS)} models x 3 bucket sizes x "
+    (a, b), worst, figures = _grade(cls, "BucketedDDP", "bucketed_ddp", caps=True,
+                                    timeout=timeout)
+    return (f"on {a} ranks (float32) and {b} (float64), {len(KINDS)} models x 3 bucket sizes x "
             f"{_training.STEPS} steps: equal to one process (largest difference "
-            f"{worst[2]:.1e} and {worst[4]:.1e}); the all-reduces carried exactly the buckets "
+            f"{worst[a]:.1e} and {worst[b]:.1e}); the all-reduces carried exactly the buckets "
             "(reverse order, closed once full), each async, launched during backward and waited "
             f"for only in {SYNC}()"), figures
