@@ -37,6 +37,7 @@ KEPT_VARIABLES = ("PATH", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ", "SYSTE
 KEPT_PREFIXES = ("LABKIT_",)
 KEPT_EXCEPT = ("LABKIT_PRESTART",)  # the grader's own launcher setting, not the submission's
 FIRST_KERNEL_UID = 2_000_000_000    # far from every account and user-namespace range
+LEFTOVER_GRACE_S = 5.0              # for a kernel's helpers to exit after it on their own
 
 _PR_SET_DUMPABLE, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 4, 36, 38
 _PR_CAPBSET_DROP, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 24, 47, 4
@@ -156,14 +157,17 @@ def harden_this_process(subreaper: bool = True) -> None:
     libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
-def reap_leftovers(uid: int | None) -> list[str]:
+def reap_leftovers(uid: int | None, settle_s: float = LEFTOVER_GRACE_S) -> list[str]:
     """In the worker, after the kernel ended: kill every process the submission left behind;
     returns their names (for the report). Ours are this process's descendants (a subreaper's
-    orphans included) and, when the kernel had a user of its own, every process of that user."""
+    orphans included) and, when the kernel had a user of its own, every process of that user.
+    Those that end by themselves within ``settle_s`` (labkit's fork server and ranks notice
+    their kernel is gone and exit) are not leftovers."""
     found = {p.pid: p for p in psutil.Process().children(recursive=True)}
     if uid is not None:
         found.update({p.pid: p for p in _processes_of(uid)})
-    return _kill(found.values())
+    _, alive = psutil.wait_procs(list(found.values()), timeout=settle_s)
+    return _kill(alive)
 
 
 def kill_processes_of(uid: int) -> list[str]:

@@ -309,3 +309,20 @@ def test_as_root_each_kernel_runs_as_a_user_of_its_own(tmp_path_factory, tmp_pat
         assert CHECK_FILE.read_bytes() == check_bytes
     finally:
         shutil.rmtree(venv, ignore_errors=True)
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(600)
+def test_a_course_notebook_in_the_sandbox_gets_full_marks_and_no_incident(tmp_path):
+    # the sandbox (scrubbed environment, private folders, no capabilities, not dumpable) does
+    # not get in the way of a real notebook: ranks, the fork server that outlives a moment its
+    # kernel, checks; the other notebooks' solutions are graded in-process by
+    # tests/test_release_grade.py
+    source = Path(__file__).resolve().parents[1] / "notebooks" / "source" / "00_setup.ipynb"
+    (tmp_path / "ada").mkdir()
+    shutil.copy(source, tmp_path / "ada" / "setup (final).ipynb")
+    run = labkit_grade(tmp_path / "ada", "--json", "--out", tmp_path / "grades")
+    assert run.returncode == 0, run.stderr
+    grade = json.loads(run.stdout)
+    assert grade["error"] is None and grade["incidents"] == [], grade
+    assert grade["score"] == grade["max_score"] > 0, grade["exercises"]
