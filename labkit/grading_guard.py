@@ -99,16 +99,20 @@ class TreeGuard:
                                                           for o in roots))
         self._skip = _not_imported(self.watched)
         self._stamps = self._scan()
-        self._bytes = {path: Path(path).read_bytes() for path, stamp in self._stamps.items()
-                       if stamp != ("dir",) and self._can_restore(path)}
+        self._bytes = {}
+        for path, stamp in self._stamps.items():
+            if stamp != ("dir",) and self._can_restore(path) and not _bytecode(path):
+                try:
+                    self._bytes[path] = Path(path).read_bytes()
+                except OSError:  # gone since the scan (another process's cache): not ours
+                    pass
 
     def restorable_digest(self) -> str:
         """One hash of labkit's files and the released notebooks: part of a grade's key, so a
         changed check or template grades everything again."""
         digest = hashlib.sha256()
-        for path in sorted(self._bytes):
-            if "__pycache__" not in Path(path).parts:
-                digest.update(Path(path).name.encode() + b"\0" + self._bytes[path] + b"\0")
+        for path in sorted(self._bytes):  # no __pycache__: kept bytes are sources only
+            digest.update(Path(path).name.encode() + b"\0" + self._bytes[path] + b"\0")
         return digest.hexdigest()
 
     def _can_restore(self, path: str) -> bool:
@@ -137,12 +141,13 @@ class TreeGuard:
         left = []
         for change in changes:
             path = Path(change.path)
-            if change.what != "added" and not self._can_restore(change.path):
+            if change.what != "added" and not _bytecode(change.path) \
+                    and not self._can_restore(change.path):
                 left.append(change)  # its bytes were not kept
                 continue
             try:
-                _remove(path)
-                if change.what != "added":
+                _remove(path)  # a cached .pyc is removed, whatever happened to it: rebuilt
+                if change.what != "added" and not _bytecode(change.path):
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_bytes(self._bytes[change.path])
             except (OSError, KeyError):
@@ -154,6 +159,11 @@ class TreeGuard:
             if change.what == "added" and not Path(change.path).exists():
                 self._stamps.pop(change.path, None)
         return left
+
+
+def _bytecode(path: str) -> bool:
+    """In a __pycache__: Python's own cache, rebuilt from the source when missing."""
+    return "__pycache__" in Path(path).parts
 
 
 def _remove(path: Path) -> None:

@@ -226,6 +226,15 @@ def test_the_guard_puts_labkit_and_templates_back_and_names_what_it_cannot(tmp_p
     assert [Path(c.path).name for c in fresh] == ["__pycache__", "torchish.cpython-311.pyc"]
     assert guard.restore(fresh) == [] and [Path(c.path).name for c in guard.changes()] == [
         "torchish.py"]
+    # a cached .pyc rewritten where labkit keeps no bytes: removed (Python rebuilds it), not left
+    (released / "__pycache__").mkdir()
+    cached = released / "__pycache__" / "a.cpython-311.pyc"
+    cached.write_bytes(b"\0")
+    guard = grading_guard.TreeGuard([package], [released])
+    cached.write_bytes(b"\1\1")
+    changed = [c for c in guard.changes() if c.path == str(cached)]
+    assert [c.what for c in changed] == ["changed"] and guard.restore(changed) == []
+    assert not cached.exists()
 
 
 @pytest.mark.skipif(not (hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("unshare")
