@@ -276,4 +276,11 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Leave without the interpreter's teardown: gloo's threads can still hold work objects with
+    # Python references, and destroying them while the interpreter finalizes aborts the rank
+    # ("terminate called without an active exception"; the mechanism is described in
+    # pytorch/pytorch PR #179291). Seen here after the barrier and destroy_process_group.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -320,8 +320,7 @@ def test_as_root_each_kernel_runs_as_a_user_of_its_own(tmp_path_factory, tmp_pat
         shutil.rmtree(venv, ignore_errors=True)
 
 
-@pytest.mark.notebook
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(600)  # not beside the class of 20: its hostile notebooks change labkit
 def test_a_course_notebook_in_the_sandbox_gets_full_marks_and_no_incident(tmp_path):
     # the sandbox (scrubbed environment, private folders, no capabilities, not dumpable) does
     # not get in the way of a real notebook: ranks, the fork server that outlives a moment its
