@@ -497,11 +497,15 @@ class Progress:
 
     def end(self, grade: Grade) -> None:
         self.done += 1
-        if grade.error:
-            self._show(f"could not grade {grade.notebook}: {grade.error}")
-        else:
-            self._show(f"graded {grade.notebook}: {_fmt(grade.score)}/{_fmt(grade.max_score)} "
-                       f"against {Path(grade.template).name} in {grade.seconds:.0f} s")
+        self._show(outcome(grade))
+
+
+def outcome(grade: Grade) -> str:
+    """The line that says how a notebook's grading ended (progress on stderr)."""
+    if grade.error:
+        return f"could not grade {grade.notebook}: {grade.error}"
+    return (f"graded {grade.notebook}: {_fmt(grade.score)}/{_fmt(grade.max_score)} "
+            f"against {Path(grade.template).name} in {grade.seconds:.0f} s")
 
 
 def _fmt(value: float) -> str:

@@ -15,9 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-
-def _fmt(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+from labkit import grading
 
 
 class ClassProgress:
@@ -56,11 +54,7 @@ class ClassProgress:
         """A notebook ends (``counted``: one of those the bar counts, which were run)."""
         with self._lock:
             self.done += counted
-            if grade.error:
-                text = f"could not grade {grade.notebook}: {grade.error}"
-            else:
-                text = (f"graded {grade.notebook}: {_fmt(grade.score)}/{_fmt(grade.max_score)} "
-                        f"against {Path(grade.template).name} in {grade.seconds:.0f} s")
+            text = grading.outcome(grade)
             if not self.live and self.total > 1 and counted:
                 text += f" ({self.done}/{self.total}{self._eta()})"
             for incident in grade.incidents:

@@ -70,9 +70,9 @@ def table_rows(grades, released: dict) -> tuple[list[str], list[list]]:
         chosen, problems = _one_per_notebook(theirs)
         points = {(Path(g.template).stem, e.name): e.points
                   for g in chosen.values() for e in g.exercises}
-        cells = ["" if key not in points else _number(points[key]) for key in columns]
+        cells = ["" if key not in points else grading._number(points[key]) for key in columns]
         total = sum(points.values())
-        rows.append([learner, *cells, _number(total), _number(maximum), "; ".join(problems)])
+        rows.append([learner, *cells, grading._number(total), grading._number(maximum), "; ".join(problems)])
     return header, rows
 
 
@@ -134,7 +134,3 @@ def summary(grades, released: dict) -> str:
                                                   for r in rows]
     width = [max(len(str(row[i])) for row in shown) for i in range(2)]
     return "\n".join(f"{a:<{width[0]}}  {b:<{width[1]}}  {c}".rstrip() for a, b, c in shown)
-
-
-def _number(value: float):
-    return int(value) if float(value).is_integer() else value
